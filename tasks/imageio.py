@@ -1,0 +1,116 @@
+"""Reading and writing images: local paths or any fsspec URL, any PIL mode, atomic writes.
+
+Images come back as float64 numpy arrays on 0..255, shaped (H, W) for single-channel
+images and (H, W, 3) for colour ones. 16-bit images are scaled to 0..255, palette images
+expanded, and RGB files whose three channels are equal (grayscale stored as RGB) are
+returned as single-channel.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+from pathlib import Path
+
+import fsspec
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from timfusion.platform.errors import UserError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".ppm", ".pgm")
+
+
+def is_url(path: str | os.PathLike) -> bool:
+    return "://" in str(path)
+
+
+def read_bytes(path: str | os.PathLike) -> bytes:
+    """The bytes of a local file or fsspec URL; a missing file is a UserError naming it."""
+    try:
+        with fsspec.open(str(path), "rb") as handle:
+            return handle.read()
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such file") from None
+    except (IsADirectoryError, PermissionError, OSError) as err:
+        raise UserError(f"{path}: cannot be read ({err.__class__.__name__}: {err})") from None
+
+
+def pil_to_array(image: Image.Image, keep_rgb_gray: bool = False) -> np.ndarray:
+    """A PIL image as float64 0..255, (H, W) or (H, W, 3); see the module docstring."""
+    mode = image.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I"):
+        data = np.asarray(image, dtype=np.float64)
+        peak = 65535.0 if data.max() > 255 or mode.startswith("I;16") else 255.0
+        return data * (255.0 / peak)
+    if mode == "F":
+        return np.asarray(image, dtype=np.float64)
+    if mode in ("1", "L"):
+        return np.asarray(image.convert("L"), dtype=np.float64)
+    if mode == "LA":
+        return np.asarray(image.convert("L"), dtype=np.float64)
+    data = np.asarray(image.convert("RGB"), dtype=np.float64)
+    if not keep_rgb_gray and np.array_equal(data[..., 0], data[..., 1]) and np.array_equal(
+        data[..., 0], data[..., 2]
+    ):
+        return data[..., 0].copy()
+    return data
+
+
+def read_image(path: str | os.PathLike, keep_rgb_gray: bool = False) -> np.ndarray:
+    """Read one image (local path or URL) as float64 on 0..255; errors name the file."""
+    raw = read_bytes(path)
+    try:
+        with Image.open(io.BytesIO(raw)) as image:
+            image.load()
+            return pil_to_array(image, keep_rgb_gray=keep_rgb_gray)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise UserError(f"{path}: not a readable image ({err.__class__.__name__})") from None
+
+
+def to_uint8(image: np.ndarray) -> np.ndarray:
+    """Clip to 0..255 and round half away from zero (MATLAB's uint8 conversion)."""
+    clipped = np.clip(np.asarray(image, dtype=np.float64), 0.0, 255.0)
+    return np.floor(clipped + 0.5).astype(np.uint8)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to a temporary name beside ``path`` and rename it into place."""
+    if is_url(path):
+        # Object stores have no rename: a single PUT is already all-or-nothing.
+        with fsspec.open(str(path), "wb") as handle:
+            handle.write(data)
+        return
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.replace(tmp_name, target)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def encode_image(image: np.ndarray, suffix: str) -> bytes:
+    """Encode a 0..255 (H, W) or (H, W, 3) array in the format named by ``suffix``."""
+    pixels = to_uint8(image)
+    fmt = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".bmp": "BMP", ".tif": "TIFF", ".tiff": "TIFF"}
+    key = suffix.lower()
+    if key not in fmt:
+        raise UserError(f"cannot write images with suffix {suffix!r}; use one of {', '.join(sorted(fmt))}")
+    buffer = io.BytesIO()
+    options = {"quality": 95} if fmt[key] == "JPEG" else {}
+    Image.fromarray(pixels).save(buffer, format=fmt[key], **options)
+    return buffer.getvalue()
+
+
+def write_image(path: str | os.PathLike, image: np.ndarray) -> None:
+    """Write an image atomically (temporary name, then rename)."""
+    atomic_write_bytes(path, encode_image(image, Path(str(path)).suffix or ".png"))
