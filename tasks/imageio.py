@@ -98,19 +98,29 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+WRITE_FORMATS = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".bmp": "BMP", ".tif": "TIFF", ".tiff": "TIFF"}
+
+
+def image_format(path_or_suffix: str) -> str:
+    """The PIL format an output path's suffix asks for; an unwritable one is a UserError."""
+    suffix = Path(path_or_suffix).suffix or path_or_suffix
+    try:
+        return WRITE_FORMATS[suffix.lower()]
+    except KeyError:
+        raise UserError(
+            f"{path_or_suffix}: cannot write images with suffix {suffix!r}; use one of {', '.join(sorted(WRITE_FORMATS))}"
+        ) from None
+
+
 def encode_image(image: np.ndarray, suffix: str) -> bytes:
     """Encode a 0..255 (H, W) or (H, W, 3) array in the format named by ``suffix``."""
-    pixels = to_uint8(image)
-    fmt = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".bmp": "BMP", ".tif": "TIFF", ".tiff": "TIFF"}
-    key = suffix.lower()
-    if key not in fmt:
-        raise UserError(f"cannot write images with suffix {suffix!r}; use one of {', '.join(sorted(fmt))}")
+    fmt = image_format(suffix)
     buffer = io.BytesIO()
-    options = {"quality": 95} if fmt[key] == "JPEG" else {}
-    Image.fromarray(pixels).save(buffer, format=fmt[key], **options)
+    options = {"quality": 95} if fmt == "JPEG" else {}
+    Image.fromarray(to_uint8(image)).save(buffer, format=fmt, **options)
     return buffer.getvalue()
 
 
 def write_image(path: str | os.PathLike, image: np.ndarray) -> None:
     """Write an image atomically (temporary name, then rename)."""
-    atomic_write_bytes(path, encode_image(image, Path(str(path)).suffix or ".png"))
+    atomic_write_bytes(path, encode_image(image, Path(str(path)).suffix))

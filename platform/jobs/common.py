@@ -1,0 +1,41 @@
+"""Pieces every job needs: building the task, finding the data a config points at."""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig
+
+from timfusion.platform.config import shared_root, to_container
+from timfusion.platform.errors import UserError
+from timfusion.tasks import FusionTask, build_task
+from timfusion.tasks.datasets import PairRecord, load_records
+
+
+def task_from(cfg: DictConfig) -> FusionTask:
+    return build_task(to_container(cfg.task))
+
+
+def data_root(cfg: DictConfig, task: FusionTask) -> tuple[str, dict[str, str]]:
+    """The root (and manifest filters) that ``data.root`` or ``data.dataset`` points at."""
+    data = cfg.data
+    filters = dict(data.get("filter") or {})
+    if data.root and data.dataset:
+        raise UserError("data.root and data.dataset: give one, not both")
+    if data.root:
+        return str(data.root), filters
+    if data.dataset:
+        if data.dataset not in task.datasets:
+            raise UserError(
+                f"data.dataset={data.dataset}: not a dataset of task {task.name}; "
+                f"valid choices: {', '.join(sorted(task.datasets))}"
+            )
+        spec = task.datasets[data.dataset]
+        root = shared_root(cfg.paths.shared) / "data" / spec.path
+        if not root.exists():
+            raise UserError(f"data.dataset={data.dataset}: {root} does not exist (set paths.shared or $TIMFUSION_SHARED)")
+        return str(root), {**spec.filter, **filters}
+    raise UserError("data.root or data.dataset: one is required")
+
+
+def records_from(cfg: DictConfig, task: FusionTask) -> list[PairRecord]:
+    root, filters = data_root(cfg, task)
+    return load_records(root, task, split=cfg.data.get("split"), filters=filters)
