@@ -1,0 +1,30 @@
+"""Fixtures shared by the tests: CLI runner, synthetic data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture
+def cli(capsys):
+    """Run ``timfusion`` in-process: returns (exit code, stdout, stderr)."""
+    from timfusion.platform.cli import main
+
+    def run(*args: str) -> tuple[int, str, str]:
+        code = main(list(args))
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def synthetic_ir_vis(tmp_path_factory) -> Path:
+    """A small synthetic IR/VIS set in the manifest format, made once per session."""
+    from timfusion.tasks.synthetic import synthesize
+
+    out = tmp_path_factory.mktemp("synth_ir_vis")
+    synthesize("ir_vis", out, n=6, seed=3, size=(64, 96))
+    return out

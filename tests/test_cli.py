@@ -1,0 +1,77 @@
+"""The CLI and configuration: composition, validation before work, one-line errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from helpers import run_cli
+from timfusion.platform.config import compose, flatten, group_options, to_container
+from timfusion.platform.errors import UserError
+from timfusion.platform.jobs import COMMANDS, load_all
+
+load_all()
+
+
+def test_top_level_help_lists_every_command(cli):
+    code, out, _ = cli("--help")
+    assert code == 0
+    for name in COMMANDS.names():
+        assert name in out
+
+
+@pytest.mark.parametrize("name", COMMANDS.names())
+def test_every_command_composes_and_shows_its_config(name):
+    cmd = COMMANDS.get(name)
+    cfg = compose(cmd.config, [])
+    assert "task" in cfg and "paths" in cfg
+    args = name.split(" ") + ["--help"]
+    result = run_cli(*args)
+    assert result.returncode == 0, result.stderr
+    assert "configuration" in result.stdout and "task:" in result.stdout
+
+
+def test_task_group_lists_every_registered_task():
+    from timfusion.tasks import TASKS
+
+    assert set(TASKS.names()) == set(group_options("task"))
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("task=nope", "valid choices: ir_vis, medical"),
+        ("bogus=1", "bogus: unknown key; valid keys: a, b, data"),
+        ("data.bogus=1", "unknown key under 'data'; valid keys: dataset, filter, root, split"),
+        ("model=", None),
+    ],
+)
+def test_bad_overrides_fail_before_work_with_one_line(cli, tmp_path, override, expected):
+    code, out, err = cli("fuse", override, f"out={tmp_path / 'x.png'}", "a=missing.png", "b=missing.png")
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1, err
+    if expected:
+        assert expected in err
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_missing_required_key_is_named(cli):
+    code, _, err = cli("evaluate", "data.root=somewhere")
+    assert code == 2 and "fused: required" in err
+
+
+def test_unknown_command_and_action(cli):
+    assert cli("nope")[0] == 2
+    code, _, err = cli("data", "nope")
+    assert code == 2 and "synth" in err
+
+
+def test_flatten_and_container():
+    cfg = compose("fuse", ["task=medical"])
+    flat = flatten(to_container(cfg))
+    assert flat["task.name"] == "medical"
+    assert flat["task.loss.intensity"] == 1.0
+
+
+def test_compose_error_is_user_error():
+    with pytest.raises(UserError):
+        compose("fuse", ["task=unknown_task"])

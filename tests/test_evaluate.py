@@ -1,0 +1,85 @@
+"""``timfusion evaluate``: one folder, method folders with ranks, restriction, missing images, VIFB."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from helpers import need_shared
+from timfusion.tasks.metrics import DEFAULT_METRICS
+
+
+@pytest.fixture(scope="module")
+def fused_methods(synthetic_ir_vis, tmp_path_factory):
+    from timfusion.platform.cli import main
+
+    root = tmp_path_factory.mktemp("fused")
+    for baseline in ("average", "maximum"):
+        assert main(["fuse", f"model=baseline:{baseline}", f"data.root={synthetic_ir_vis}", f"out={root / baseline}"]) == 0
+    return root
+
+
+def read_csv(path):
+    with open(path) as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_single_folder_writes_csv_json_and_prints(cli, synthetic_ir_vis, fused_methods, tmp_path):
+    out = tmp_path / "eval"
+    code, stdout, err = cli("evaluate", f"data.root={synthetic_ir_vis}", f"fused={fused_methods / 'average'}",
+                            "metrics=[EN,MI,Qabf]", f"out={out}")
+    assert code == 0, err
+    rows = read_csv(out / "metrics.csv")
+    assert list(rows[0]) == ["name", "EN", "MI", "Qabf"] and len(rows) == 6
+    summary = json.loads((out / "metrics.json").read_text())["summary"]
+    assert set(summary) == {"EN", "MI", "Qabf"} and "std" in summary["MI"]
+    assert "mean" in stdout and "Qabf" in stdout
+
+
+def test_default_metric_set_is_the_whole_definition(cli, synthetic_ir_vis, fused_methods, tmp_path):
+    code, _, err = cli("evaluate", f"data.root={synthetic_ir_vis}", f"fused={fused_methods / 'maximum'}",
+                       "definition=vifb", f"out={tmp_path}")
+    assert code == 0, err
+    assert list(read_csv(tmp_path / "metrics.csv")[0])[1:] == DEFAULT_METRICS["vifb"]
+
+
+def test_method_folders_are_ranked(cli, synthetic_ir_vis, fused_methods, tmp_path):
+    code, stdout, err = cli("evaluate", f"data.root={synthetic_ir_vis}", f"fused={fused_methods}",
+                            "metrics=[SD,MI]", f"out={tmp_path}")
+    assert code == 0, err
+    ranks = (tmp_path / "ranks.md").read_text()
+    assert "## SD (higher is better)" in ranks and "maximum" in ranks and "average" in ranks
+    assert (tmp_path / "ranks.png").stat().st_size > 1000
+    assert (tmp_path / "average" / "metrics.csv").exists()
+    assert "mean rank" in stdout
+
+
+def test_missing_fused_images(cli, synthetic_ir_vis, fused_methods, tmp_path):
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    first = sorted((fused_methods / "average").glob("*.png"))[0]
+    (partial / first.name).write_bytes(first.read_bytes())
+    code, _, err = cli("evaluate", f"data.root={synthetic_ir_vis}", f"fused={partial}", f"out={tmp_path / 'o'}")
+    assert code == 2 and "no fused image for 5 of 6" in err
+    code, _, err = cli("evaluate", f"data.root={synthetic_ir_vis}", f"fused={partial}", f"out={tmp_path / 'o'}",
+                       "skip_missing=true", "metrics=[EN]")
+    assert code == 0, err
+    assert len(read_csv(tmp_path / "o" / "metrics.csv")) == 1
+
+
+def test_unknown_metric_lists_valid(cli, synthetic_ir_vis, fused_methods, tmp_path):
+    code, _, err = cli("evaluate", f"data.root={synthetic_ir_vis}", f"fused={fused_methods}",
+                       "metrics=[EN,Nope]", f"out={tmp_path}")
+    assert code == 2 and "unknown tang metric(s) Nope; valid:" in err
+
+
+def test_vifb_rank_table_of_25_methods(cli, tmp_path):
+    need_shared("data", "vifb", "fused")
+    code, stdout, err = cli("evaluate", "data.dataset=vifb", "fused=" + str(need_shared("data", "vifb", "fused")),
+                            "metrics=[EN,SD,SF,AG,MI,SCD,VIF,Qabf,SSIM]", f"out={tmp_path}")
+    assert code == 0, err
+    summary = read_csv(tmp_path / "summary.csv")
+    assert len(summary) == 25
+    assert (tmp_path / "ranks.md").read_text().count("## ") == 10
