@@ -24,24 +24,23 @@ def rgb_to_gray(rgb: np.ndarray, round_uint8: bool = False) -> np.ndarray:
     return gray
 
 
+# Full-range BT.601 (JPEG) RGB -> YCbCr; the inverse is computed, so a round trip is exact.
+_YCBCR = np.array([[0.299, 0.587, 0.114], [-0.168736, -0.331264, 0.5], [0.5, -0.418688, -0.081312]])
+_YCBCR_INV = np.linalg.inv(_YCBCR)
+
+
 def rgb_to_ycbcr(rgb: np.ndarray, peak: float = 255.0) -> np.ndarray:
     """Full-range BT.601 YCbCr of an (..., 3) RGB array on 0..peak."""
-    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
-    y = 0.299 * r + 0.587 * g + 0.114 * b
-    cb = -0.168736 * r - 0.331264 * g + 0.5 * b + peak * 128.0 / 255.0
-    cr = 0.5 * r - 0.418688 * g - 0.081312 * b + peak * 128.0 / 255.0
-    return np.stack([y, cb, cr], axis=-1)
+    ycbcr = rgb @ _YCBCR.T
+    ycbcr[..., 1:] += peak * 128.0 / 255.0
+    return ycbcr
 
 
 def ycbcr_to_rgb(ycbcr: np.ndarray, peak: float = 255.0) -> np.ndarray:
     """Inverse of :func:`rgb_to_ycbcr`."""
-    y = ycbcr[..., 0]
-    cb = ycbcr[..., 1] - peak * 128.0 / 255.0
-    cr = ycbcr[..., 2] - peak * 128.0 / 255.0
-    r = y + 1.402 * cr
-    g = y - 0.344136 * cb - 0.714136 * cr
-    b = y + 1.772 * cb
-    return np.stack([r, g, b], axis=-1)
+    centred = ycbcr.astype(np.float64, copy=True)
+    centred[..., 1:] -= peak * 128.0 / 255.0
+    return centred @ _YCBCR_INV.T
 
 
 def luminance(image: np.ndarray, peak: float = 255.0) -> np.ndarray:

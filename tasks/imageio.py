@@ -112,15 +112,19 @@ def image_format(path_or_suffix: str) -> str:
         ) from None
 
 
-def encode_image(image: np.ndarray, suffix: str) -> bytes:
-    """Encode a 0..255 (H, W) or (H, W, 3) array in the format named by ``suffix``."""
+def encode_image(image: np.ndarray, suffix: str, png_compress_level: int = 6) -> bytes:
+    """Encode a 0..255 (H, W) or (H, W, 3) array in the format named by ``suffix``.
+
+    ``png_compress_level`` 1 is about 3x faster than PIL's default 6 on noisy images for a
+    few percent more bytes (what bulk writers such as the synthetic generators want).
+    """
     fmt = image_format(suffix)
     buffer = io.BytesIO()
-    options = {"quality": 95} if fmt == "JPEG" else {}
+    options = {"quality": 95} if fmt == "JPEG" else {"compress_level": png_compress_level} if fmt == "PNG" else {}
     Image.fromarray(to_uint8(image)).save(buffer, format=fmt, **options)
     return buffer.getvalue()
 
 
-def write_image(path: str | os.PathLike, image: np.ndarray) -> None:
+def write_image(path: str | os.PathLike, image: np.ndarray, png_compress_level: int = 6) -> None:
     """Write an image atomically (temporary name, then rename)."""
-    atomic_write_bytes(path, encode_image(image, Path(str(path)).suffix))
+    atomic_write_bytes(path, encode_image(image, Path(str(path)).suffix, png_compress_level))

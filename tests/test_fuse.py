@@ -53,7 +53,7 @@ def test_existing_output_is_refused_then_overwritten(cli, pair, tmp_path):
 
 def test_size_mismatch_needs_resize(cli, pair, tmp_path):
     other = tmp_path / "small.png"
-    write_image(other, np.zeros((20, 30, 3)))
+    write_image(other, np.random.default_rng(1).uniform(0, 255, (20, 30, 3)))
     out = tmp_path / "f.png"
     code, _, err = cli("fuse", f"a={pair[0]}", f"b={other}", f"out={out}")
     assert code == 2 and "small.png: size 30x20 differs" in err and not out.exists()
