@@ -21,7 +21,7 @@ from timfusion.platform.errors import UserError
 
 ROOT = Path(timfusion.__file__).resolve().parent
 PRIMARY_DIR = ROOT / "platform" / "conf"
-SEARCH_DIRS = [ROOT / "tasks" / "conf", ROOT / "clusters", ROOT / "search_spaces" / "conf", ROOT / "meta" / "conf"]
+SEARCH_DIRS = [ROOT / "tasks" / "conf", ROOT / "clusters" / "conf", ROOT / "search_spaces" / "conf", ROOT / "meta" / "conf"]
 
 
 def _search_path() -> list[str]:

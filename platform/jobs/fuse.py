@@ -47,7 +47,7 @@ def fuse(cfg: DictConfig) -> list[str]:
         existing = [target for _, target in jobs if _exists(target)]
         if existing:
             raise UserError(f"{existing[0]}: exists ({len(existing)} output(s) in all); pass overwrite=true to replace")
-    fuser = load_fuser(cfg.model, task, cfg.device)
+    fuser = load_fuser(str(cfg.model), task, cfg.device, cfg.tracking.uri)
     written = []
     for record, target in tqdm(jobs, desc=f"fuse {cfg.model}", unit="pair", disable=len(jobs) == 1):
         a, b = load_pair(record, resize=bool(cfg.resize))

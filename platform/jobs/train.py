@@ -1,0 +1,196 @@
+"""``timfusion train``: prepare data, start the MLflow run, run the Ray Train job, log the results."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+from timfusion.platform.config import shared_root, to_container
+from timfusion.platform.errors import UserError
+from timfusion.platform.jobs import command
+from timfusion.platform.jobs.common import task_from
+from timfusion.platform.tracking import Tracker, tracking_uri
+from timfusion.platform.training import read_run_info, train_worker, write_run_info
+from timfusion.tasks import FusionTask
+from timfusion.tasks.datasets import PairRecord, fingerprint, load_records
+
+
+def training_records(cfg: DictConfig, task: FusionTask, workdir: Path) -> tuple[list[PairRecord], list[PairRecord]]:
+    """The seeded train/validation split of the configured data (names prefixed by dataset)."""
+    data = cfg.data
+    if data.source == "synthetic":
+        from timfusion.tasks.synthetic import synthesize
+
+        root = workdir / f"synthetic_{task.synthetic}_{data.synthetic.n}_{data.synthetic.seed}"
+        if not (root / "MANIFEST.tsv").exists():
+            height, width = data.synthetic.size
+            synthesize(task.synthetic, root, n=int(data.synthetic.n), seed=int(data.synthetic.seed),
+                       size=(int(height), int(width)), overwrite=True)
+        pools = {"synthetic": load_records(str(root), task)}
+    elif data.source == "root":
+        pools = {"data": load_records(str(data.root), task, filters=dict(data.filter))}
+    elif data.source == "task":
+        names = list(data.datasets) if data.datasets else [
+            k for k, spec in task.datasets.items() if spec.role in ("train", "val")
+        ]
+        unknown = [n for n in names if n not in task.datasets]
+        if unknown:
+            raise UserError(f"data.datasets: {', '.join(unknown)} not datasets of task {task.name}; "
+                            f"valid choices: {', '.join(sorted(task.datasets))}")
+        base = shared_root(cfg.paths.shared) / "data"
+        pools = {}
+        for name in names:
+            spec = task.datasets[name]
+            if not (base / spec.path).exists():
+                raise UserError(f"data.datasets: {base / spec.path} does not exist "
+                                "(set paths.shared or $TIMFUSION_SHARED, or use data=synthetic)")
+            pools[name] = load_records(str(base / spec.path), task, filters={**spec.filter, **dict(data.filter)})
+    else:
+        raise UserError(f"data.source={data.source}: expected task, synthetic or root")
+    records = [dataclasses.replace(r, name=f"{pool}/{r.name}") for pool, rs in pools.items() for r in rs]
+    if len(records) < 2:
+        raise UserError(f"training data: {len(records)} pair(s); need at least 2 (train and validation)")
+    order = np.random.default_rng(int(data.val_seed)).permutation(len(records))
+    n_val = min(len(records) - 1, max(1, round(float(data.val_fraction) * len(records))))
+    val = sorted((records[i] for i in order[:n_val]), key=lambda r: r.name)
+    train = sorted((records[i] for i in order[n_val:]), key=lambda r: r.name)
+    return train, val
+
+
+def _resolve_workers(cluster: DictConfig) -> tuple[int, bool]:
+    import torch
+
+    gpus = torch.cuda.device_count()
+    use_gpu = gpus > 0 if cluster.use_gpu == "auto" else bool(cluster.use_gpu)
+    if cluster.num_workers == "auto":
+        workers = gpus if use_gpu and gpus > 0 else 2
+    else:
+        workers = int(cluster.num_workers)
+    if workers < 1:
+        raise UserError(f"cluster.num_workers={cluster.num_workers}: need at least 1")
+    return workers, use_gpu
+
+
+def storage_root(cluster: DictConfig) -> str:
+    path = str(cluster.storage_path)
+    return path if "://" in path else str(Path(path).resolve())
+
+
+def init_ray(cluster: DictConfig) -> None:
+    """Start (or join) the Ray cluster the config names; idempotent."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True}
+    if cluster.address:
+        kwargs["address"] = str(cluster.address)
+    else:
+        kwargs["num_cpus"] = int(cluster.num_cpus) if cluster.num_cpus else os.cpu_count()
+        if cluster.temp_dir:
+            kwargs["_temp_dir"] = str(Path(str(cluster.temp_dir)).resolve())
+    ray.init(**kwargs)
+
+
+@command("train", config="train", summary="task-guided fusion training on Ray Train, tracked in MLflow")
+def train(cfg: DictConfig) -> dict[str, Any]:
+    from timfusion.search_spaces.genotype import load_genotype
+    from timfusion.search_spaces.network import FusionNetwork, count_parameters
+
+    task = task_from(cfg)
+    genotype = load_genotype(str(cfg.genotype))
+    FusionNetwork(genotype)  # an unbuildable genotype fails here, before any data or Ray work
+    if float(cfg.guidance.weight) < 0:
+        raise UserError(f"guidance.weight={cfg.guidance.weight}: must be >= 0")
+    if int(cfg.train.steps) < 1 or int(cfg.train.checkpoint_every) < 1 or int(cfg.train.log_every) < 1:
+        raise UserError("train.steps, train.checkpoint_every and train.log_every must be >= 1")
+    workers, use_gpu = _resolve_workers(cfg.cluster)
+    storage = storage_root(cfg.cluster)
+    name = cfg.name or f"{task.name}-{genotype.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir = Path(storage) / name if "://" not in storage else Path(str(cfg.workdir)).resolve() / "runs" / name
+    info = read_run_info(run_dir)
+    if cfg.resume and info is None:
+        raise UserError(f"resume=true: no run {name!r} under {storage} to resume (pass its name=)")
+    if not cfg.resume and (info is not None or (run_dir.exists() and any(run_dir.iterdir()))):
+        raise UserError(f"name={name}: a run of that name exists under {storage}; pass resume=true to continue it "
+                        "or choose another name")
+    workdir = Path(str(cfg.workdir)).resolve()
+    train_records, val_records = training_records(cfg, task, workdir)
+    resolved = to_container(cfg)
+    uri = tracking_uri(cfg.tracking.uri)
+    if info is not None:
+        tracker = Tracker(info["tracking_uri"], info["mlflow_run_id"])
+        tracker.set_tags({"resumed_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    else:
+        tags = {
+            "task": task.name, "genotype": genotype.name, "job": "train",
+            "dataset_fingerprint": fingerprint(train_records + val_records),
+            "train_fingerprint": fingerprint(train_records), "val_fingerprint": fingerprint(val_records),
+            "parameters": str(count_parameters(FusionNetwork(genotype))),
+        }
+        tracker = Tracker.start({**resolved["tracking"], "uri": uri}, name, tags, cfg.parent_run_id)
+        tracker.log_config(resolved)
+        tracker.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config/config.yaml")
+        tracker.log_text(genotype.to_json(), "genotype/genotype.json")
+        tracker.log_text(json.dumps({"train": [r.name for r in train_records], "val": [r.name for r in val_records],
+                                     "val_seed": int(cfg.data.val_seed)}, indent=1), "data/split.json")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_run_info(run_dir, {"mlflow_run_id": tracker.run_id, "tracking_uri": tracker.uri, "name": name})
+    loop_config = {
+        "backend": cfg.cluster.backend, "run_dir": str(run_dir), "task": resolved["task"],
+        "genotype": genotype.to_dict(), "train": resolved["train"], "guidance": resolved["guidance"],
+        "val_metrics": resolved["val_metrics"], "faults": resolved["faults"],
+        "train_records": [dataclasses.asdict(r) for r in train_records],
+        "val_records": [dataclasses.asdict(r) for r in val_records],
+        "tracking_uri": tracker.uri, "mlflow_run_id": tracker.run_id,
+        "threads_per_worker": int(cfg.cluster.cpus_per_worker),
+    }
+    print(f"training {genotype.name} for {task.name}: {len(train_records)} train / {len(val_records)} val pairs, "
+          f"{workers if cfg.cluster.backend == 'ray' else 1} worker(s), run {name} (MLflow {tracker.run_id})")
+    started = time.perf_counter()
+    try:
+        if cfg.cluster.backend == "local":
+            train_worker(loop_config)
+        else:
+            _fit_with_ray(cfg, loop_config, name, storage, workers, use_gpu)
+    except BaseException:
+        tracker.finish("FAILED")
+        raise
+    tracker.set_tags({"wall_seconds": f"{time.perf_counter() - started:.1f}"})
+    tracker.finish()
+    metrics = tracker.client.get_run(tracker.run_id).data.metrics
+    print(f"done: MLflow run {tracker.run_id}; model runs:/{tracker.run_id}/model/model.pt\n"
+          f"  fuse with: timfusion fuse model=runs:/{tracker.run_id} a=... b=... out=...\n"
+          f"  browse:    mlflow ui --backend-store-uri {tracker.uri}")
+    return {"run_id": tracker.run_id, "name": name, "metrics": metrics, "tracking_uri": tracker.uri}
+
+
+def _fit_with_ray(cfg: DictConfig, loop_config: dict, name: str, storage: str, workers: int, use_gpu: bool) -> None:
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    init_ray(cfg.cluster)
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=workers, use_gpu=use_gpu, resources_per_worker={"CPU": float(cfg.cluster.cpus_per_worker)},
+        ),
+        run_config=ray.train.RunConfig(
+            name=name, storage_path=storage,
+            failure_config=ray.train.FailureConfig(max_failures=int(cfg.cluster.max_failures)),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise RuntimeError(f"training run {name} failed: {result.error}")

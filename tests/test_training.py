@@ -1,0 +1,128 @@
+"""Task-guided training on a real local Ray cluster, tracked in a real MLflow sqlite store."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from timfusion.platform.config import compose
+from timfusion.platform.errors import UserError
+from timfusion.platform.jobs.train import train
+
+QUICK = [
+    "data=synthetic", "data.synthetic.n=8", "data.synthetic.size=[64,64]", "genotype=tim_light",
+    "train.crop=48", "train.batch_size=2", "train.log_every=1", "train.warmup_steps=1", "guidance.warmup_steps=1",
+]
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(tmp_path_factory):
+    import ray
+
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+             _temp_dir=str(tmp_path_factory.mktemp("ray")))
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def run_train(*overrides: str) -> dict:
+    return train(compose("train", [*QUICK, *overrides]))
+
+
+def final_step(result: dict) -> int:
+    from mlflow.tracking import MlflowClient
+
+    return int(MlflowClient(result["tracking_uri"]).get_run(result["run_id"]).data.tags["final_step"])
+
+
+def metric_steps(result: dict, key: str) -> list[int]:
+    from mlflow.tracking import MlflowClient
+
+    history = MlflowClient(result["tracking_uri"]).get_metric_history(result["run_id"], key)
+    return sorted(m.step for m in history)
+
+
+def test_two_workers_log_everything_and_checkpoint(ray_cluster, workdir):
+    from mlflow.tracking import MlflowClient
+
+    result = run_train("cluster=local", "cluster.num_workers=2", "train.steps=4", "train.checkpoint_every=2",
+                       "guidance.weight=0.1", "name=guided")
+    client = MlflowClient(result["tracking_uri"])
+    run = client.get_run(result["run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["task.name"] == "ir_vis" and run.data.params["train.steps"] == "4"
+    assert run.data.tags["task"] == "ir_vis" and len(run.data.tags["dataset_fingerprint"]) == 16
+    assert run.data.tags["git_commit"]
+    assert "val/mIoU" in run.data.metrics and "val/Qabf" in run.data.metrics
+    assert metric_steps(result, "loss/total") == [1, 2, 3, 4]
+    artifacts = {a.path for folder in ("", "model", "config", "genotype", "validation", "data")
+                 for a in client.list_artifacts(result["run_id"], folder or None)}
+    assert {"model/model.pt", "config/config.yaml", "genotype/genotype.json", "data/split.json"} <= artifacts
+    assert any(path.startswith("validation/") and path.endswith(".png") for path in artifacts)
+    checkpoints = list((workdir / "runs" / "ray" / "guided").glob("checkpoint_*"))
+    assert checkpoints
+
+
+def test_unguided_training_logs_no_miou_and_fuses(ray_cluster, workdir, cli):
+    result = run_train("cluster.num_workers=1", "train.steps=2", "guidance.weight=0", "name=plain")
+    assert "val/mIoU" not in result["metrics"] and "loss/head" not in result["metrics"]
+    data = next((workdir / "outputs" / "train").glob("synthetic_*"))
+    code, _, err = cli("fuse", f"model=runs:/{result['run_id']}", f"data.root={data}", f"out={workdir / 'fused'}")
+    assert code == 0, err
+    assert len(list((workdir / "fused").glob("*.png"))) == 8
+
+
+def test_killed_worker_is_retried_and_training_completes(ray_cluster, workdir):
+    result = run_train("cluster.num_workers=2", "train.steps=6", "train.checkpoint_every=2",
+                       "faults.kill_worker_at_step=3", "cluster.max_failures=2", "name=faulty", "guidance.weight=0")
+    assert (workdir / "runs" / "ray" / "faulty" / ".fault_injected").exists()
+    assert final_step(result) == 6
+    steps = metric_steps(result, "loss/total")
+    assert steps[-1] == 6 and 5 in steps
+
+
+def test_resume_continues_the_step_counter(ray_cluster, workdir):
+    first = run_train("cluster.num_workers=1", "train.steps=4", "train.checkpoint_every=2", "name=resumable",
+                      "guidance.weight=0")
+    with pytest.raises(UserError, match="pass resume=true"):
+        run_train("cluster.num_workers=1", "train.steps=8", "name=resumable")
+    second = run_train("cluster.num_workers=1", "train.steps=8", "train.checkpoint_every=2", "name=resumable",
+                       "resume=true", "guidance.weight=0")
+    assert second["run_id"] == first["run_id"]
+    steps = metric_steps(second, "loss/total")
+    assert steps == [1, 2, 3, 4, 5, 6, 7, 8], steps  # continued from step 4, never restarted at 1
+    info = json.loads((workdir / "runs" / "ray" / "resumable" / "timfusion_run.json").read_text())
+    assert info["mlflow_run_id"] == first["run_id"]
+
+
+def test_resume_of_unknown_run_is_refused(workdir):
+    with pytest.raises(UserError, match="no run 'ghost'"):
+        run_train("name=ghost", "resume=true")
+
+
+def test_unknown_op_lists_known_ops(workdir):
+    bad = workdir / "bad.json"
+    genotype = json.loads((compose("train", []).get("genotype") and
+                           open(__import__("timfusion.search_spaces.genotype", fromlist=["x"]).__file__.replace(
+                               "genotype.py", "genotypes/tim_light.json")).read()))
+    genotype["stage1"]["cells"][0]["ops"][0] = "warp_drive"
+    bad.write_text(json.dumps(genotype))
+    with pytest.raises(UserError, match=r"unknown operation 'warp_drive'; known: .*sep_conv_3x3"):
+        run_train(f"genotype={bad}")
+    assert not (workdir / "runs").exists()  # failed before any run was created
+
+
+def test_local_backend_without_ray(workdir):
+    result = run_train("cluster=none", "train.steps=3", "train.checkpoint_every=2", "name=debug", "guidance.weight=0")
+    assert final_step(result) == 3
+    assert sorted(p.name for p in (workdir / "runs" / "ray" / "debug").glob("checkpoint_*")) == [
+        "checkpoint_000000002", "checkpoint_000000003"]
