@@ -197,12 +197,25 @@ def _batches(loader: DataLoader, epoch: int):
         epoch += 1
 
 
+def _out_of_time(started: float, budget_s: float | None, world_size: int) -> bool:
+    """Whether the wall-clock budget is spent, agreed by every worker (the slowest decides)."""
+    if not budget_s:
+        return False
+    elapsed = torch.tensor([time.perf_counter() - started], dtype=torch.float64)
+    if world_size > 1 and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(elapsed, op=torch.distributed.ReduceOp.MAX)
+    return float(elapsed) >= float(budget_s)
+
+
 def train_worker(config: dict[str, Any]) -> None:
     """The per-worker training loop (see the module docstring); ``config`` is plain data."""
     from timfusion.platform.tracking import Tracker
     from timfusion.search_spaces.genotype import Genotype
     from timfusion.search_spaces.network import FusionNetwork, save_model
 
+    import warnings
+
+    warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
     train_cfg, guidance = config["train"], config["guidance"]
     ctx: WorkerContext = LocalWorker(Path(config["run_dir"])) if config["backend"] == "local" else RayWorker()
     torch.set_num_threads(max(1, int(config.get("threads_per_worker", 1))))
@@ -250,6 +263,7 @@ def train_worker(config: dict[str, Any]) -> None:
     total_steps = int(train_cfg["steps"])
     log_every, ckpt_every = int(train_cfg["log_every"]), int(train_cfg["checkpoint_every"])
     val_every = int(train_cfg["val_every"]) or total_steps
+    budget_s = train_cfg.get("time_budget_s")
     batches = _batches(loader, epoch)
     window: dict[str, list[float]] = {}
     started, seen = time.perf_counter(), 0
@@ -294,6 +308,8 @@ def train_worker(config: dict[str, Any]) -> None:
         for key, value in logged.items():
             window.setdefault(key, []).append(value)
 
+        if step % log_every == 0 and _out_of_time(started, budget_s, ctx.world_size):
+            total_steps = step  # the budget is spent: finish here (checkpoint, validate, save)
         checkpoint_now = step % ckpt_every == 0 or step == total_steps
         validate_now = step % val_every == 0 or step == total_steps
         if step % log_every == 0 or checkpoint_now or validate_now:
@@ -329,7 +345,7 @@ def train_worker(config: dict[str, Any]) -> None:
                 torch.save({"num_classes": head.num_classes, "state_dict": head.state_dict()}, buffer)
                 head_path.write_bytes(buffer.getvalue())
                 tracker.log_artifact(head_path, "model")
-        tracker.set_tags({"final_step": step})
+        tracker.set_tags({"final_step": step, "stopped_by_budget": step < int(train_cfg["steps"])})
 
 
 # ----------------------------------------------------------------------------- validation

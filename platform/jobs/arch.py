@@ -47,7 +47,13 @@ def show_architecture(genotype_ref: str, height: int, width: int) -> dict[str, A
     """Print the structure table of ``genotype_ref`` at ``height`` x ``width``; return the totals."""
     from timfusion.search_spaces.cells import Cell
     from timfusion.search_spaces.genotype import load_genotype
-    from timfusion.search_spaces.network import FusionNetwork, count_parameters, mac_profile, size_report
+    from timfusion.search_spaces.network import (
+        FusionNetwork,
+        count_macs,
+        count_parameters,
+        mac_profile,
+        size_report,
+    )
 
     genotype = load_genotype(genotype_ref)
     model = FusionNetwork(genotype).eval()
@@ -59,8 +65,10 @@ def show_architecture(genotype_ref: str, height: int, width: int) -> dict[str, A
         prefix = names[id(module)] + "."
         return sum(v for k, v in profile.items() if k.startswith(prefix))
 
-    print(f"genotype {genotype.name}: width {genotype.width}, stem 2 -> {genotype.stem_channels} -> "
-          f"{genotype.width}, input multiple {genotype.multiple}")
+    print(
+        f"genotype {genotype.name}: width {genotype.width}, stem 2 -> {genotype.stem_channels} -> "
+        f"{genotype.width}, input multiple {genotype.multiple}"
+    )
     if genotype.description:
         print(textwrap.fill(genotype.description, 100, initial_indent="  ", subsequent_indent="  "))
     labels = {}
@@ -78,7 +86,14 @@ def show_architecture(genotype_ref: str, height: int, width: int) -> dict[str, A
                 channels = "/".join(str(slot.channels) for slot, _ in slots)
                 p = sum(count_parameters(op) for _, op in slots)
                 m = sum(macs_of(op) for _, op in slots)
-                rows.append((f"  position {position}", f"{module.op_names[position]} @ C={channels}", f"{p:,}", _gmac(m)))
+                rows.append(
+                    (
+                        f"  position {position}",
+                        f"{module.op_names[position]} @ C={channels}",
+                        f"{p:,}",
+                        _gmac(m),
+                    )
+                )
             continue
         branch = part.rsplit(".", 1)[0] if part.startswith("stage2.branches") else ""
         label = f" ({labels[branch]})" if branch in labels else ""
@@ -100,9 +115,21 @@ def show_architecture(genotype_ref: str, height: int, width: int) -> dict[str, A
         if i == len(rows):
             print("-" * (sum(widths) + 6))
         print(f"{row[0]:<{widths[0]}}  {row[1]:<{widths[1]}}  {row[2]:>{widths[2]}}  {row[3]:>{widths[3]}}")
-    print(f"{genotype.name}: {total_params:,} parameters, {total_macs / 1e9:.3f} GMAC ({total_macs:,} MACs) "
-          f"at {height}x{width}")
-    return {"genotype": genotype.name, "parameters": total_params, "macs": total_macs, "size": [height, width]}
+    print(
+        f"{genotype.name}: {total_params:,} parameters, {total_macs / 1e9:.3f} GMAC ({total_macs:,} MACs) "
+        f"at {height}x{width}"
+    )
+    inference_macs = count_macs(model, height, width, full=False)
+    if inference_macs != total_macs:
+        print(f"inference (fuse, without the auxiliary heads): {inference_macs / 1e9:.3f} GMAC")
+    print("MACs: multiply-accumulates of the conv, transposed-conv, 1-D conv and linear layers (batch 1)")
+    return {
+        "genotype": genotype.name,
+        "parameters": total_params,
+        "macs": total_macs,
+        "inference_macs": inference_macs,
+        "size": [height, width],
+    }
 
 
 @command("arch show", config="arch_show", summary="print a genotype's structure, parameters and MACs")
