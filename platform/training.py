@@ -110,7 +110,9 @@ class RayWorker:
     def prepare_model(self, model: nn.Module) -> nn.Module:
         import ray.train.torch
 
-        return ray.train.torch.prepare_model(model)
+        # Two-stage genotypes carry auxiliary heads that inference (and so training
+        # through ``fuse``) leaves unused: DDP must not wait for their gradients.
+        return ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True})
 
     def prepare_loader(self, loader: DataLoader) -> DataLoader:
         import ray.train.torch
