@@ -250,7 +250,7 @@ def train_worker(config: dict[str, Any]) -> None:
 
     records = [PairRecord(**r) for r in config["train_records"]]
     dataset = PairedDataset(records, crop=int(train_cfg["crop"]), seed=int(train_cfg["seed"]), labels=guided,
-                            num_classes=len(task.classes))
+                            num_classes=len(task.classes), cache=bool(train_cfg.get("cache_images", True)))
     loader = ctx.prepare_loader(DataLoader(
         dataset, batch_size=int(train_cfg["batch_size"]), shuffle=True, drop_last=len(dataset) >= int(train_cfg["batch_size"]) * ctx.world_size,
         num_workers=int(train_cfg["loader_workers"]), generator=torch.Generator().manual_seed(int(train_cfg["seed"])),
@@ -266,6 +266,7 @@ def train_worker(config: dict[str, Any]) -> None:
     log_every, ckpt_every = int(train_cfg["log_every"]), int(train_cfg["checkpoint_every"])
     val_every = int(train_cfg["val_every"]) or total_steps
     budget_s = train_cfg.get("time_budget_s")
+    fidelity_warmup = int(train_cfg.get("fidelity_warmup_steps") or 0)
     batches = _batches(loader, epoch)
     window: dict[str, list[float]] = {}
     started, seen = time.perf_counter(), 0
@@ -282,7 +283,7 @@ def train_worker(config: dict[str, Any]) -> None:
             group["lr"] = base_lr * factor
         with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=amp):
             fused = view(a, b)
-            total, parts = loss_fn(a, b, fused.float())
+            total, parts = loss_fn(a, b, fused.float(), pixel_only=step < fidelity_warmup)
         logged = {"loss/fusion": float(total.detach()), **{f"loss/{k}": float(v.detach()) for k, v in parts.items()}}
         if head_ddp is not None:
             labels = batch["label"].to(ctx.device)

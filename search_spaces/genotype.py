@@ -6,7 +6,10 @@ A genotype fixes
   ``conv3x3 2 -> stem_hidden -> C``; the published stems use 2C),
 * ``stage1``: its cells (``type`` + op ``names`` per position) and its ``head``, a
   stack of convolutions down to one channel, each optionally followed by PReLU, with an
-  optional output activation (``none`` or ``tanh``),
+  output form: ``none`` (the image itself), ``tanh``, or ``select`` (the one channel is a
+  decision logit z and the fused image is ``sigmoid(z) a + (1 - sigmoid(z)) b``: a learned
+  per-pixel choice between the sources, which keeps the sources' own pixel values and
+  edges where it is decisive),
 * an optional ``stage2``: two ``branches``, branch 0 over [source a, stage-1 output] and
   branch 1 over [source b, stage-1 output], each a stem and a list of cells; a ``merge``,
   ``mask`` (IR/VIS: ``m = sigmoid(1x1([max_c f_k, mean_c f_k]))`` of branch ``mask_branch``'s
@@ -44,7 +47,7 @@ from timfusion.search_spaces.ops import OPS
 GENOTYPE_DIR = Path(__file__).resolve().parent / "genotypes"
 MERGES = ("mask", "concat")
 HEAD_ACTS = (None, "prelu")
-HEAD_OUTPUTS = ("none", "tanh")
+HEAD_OUTPUTS = ("none", "tanh", "select")
 
 
 @dataclass(frozen=True)
@@ -71,7 +74,7 @@ class HeadSpec:
     """Convolutions (reflect-padded, with bias) down to one channel, then ``output``."""
 
     layers: tuple[HeadLayer, ...]
-    output: str = "none"  # "none" or "tanh"
+    output: str = "none"  # one of HEAD_OUTPUTS
 
     def to_dict(self) -> dict[str, Any]:
         return {"layers": [layer.to_dict() for layer in self.layers], "output": self.output}
@@ -240,6 +243,13 @@ def _head(data: Any, where: str) -> HeadSpec:
     return HeadSpec(tuple(layers), output)
 
 
+def _aux_head(data: Any, where: str) -> HeadSpec:
+    head = _head(data, where)
+    if head.output == "select":
+        raise UserError(f"{where}: output 'select' needs both sources; an auxiliary head sees one branch")
+    return head
+
+
 def _parse(data: Any, source: str) -> Genotype:
     if not isinstance(data, dict):
         raise UserError(f"{source}: expected a JSON object, got {type(data).__name__}")
@@ -283,7 +293,7 @@ def _parse(data: Any, source: str) -> Genotype:
             merge,
             _head(s2.get("head", dict), f"{where} stage2 head"),
             mask_branch,
-            None if aux is None else _head(aux, f"{where} stage2 aux_head"),
+            None if aux is None else _aux_head(aux, f"{where} stage2 aux_head"),
         )
     genotype = Genotype(
         name=name,

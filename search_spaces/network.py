@@ -90,7 +90,11 @@ class Stem(nn.Sequential):
 
 
 class Head(nn.Sequential):
-    """The genotype's head: reflect-padded convs (each optionally + PReLU), then its output."""
+    """The genotype's head: reflect-padded convs (each optionally + PReLU), then its output.
+
+    :meth:`image` turns features into the fused image: the head's output itself, or for
+    ``output: select`` the per-pixel blend ``w a + (1 - w) b`` with ``w = sigmoid(head(x))``.
+    """
 
     def __init__(self, c_in: int, spec: HeadSpec) -> None:
         layers: list[nn.Module] = []
@@ -102,6 +106,14 @@ class Head(nn.Sequential):
         if spec.output == "tanh":
             layers.append(nn.Tanh())
         super().__init__(*layers)
+        self.select = spec.output == "select"
+
+    def image(self, features: Tensor, a: Tensor, b: Tensor) -> Tensor:
+        out = self(features)
+        if not self.select:
+            return out
+        weight = torch.sigmoid(out)
+        return weight * a + (1 - weight) * b
 
 
 class MaskGate(nn.Module):
@@ -132,10 +144,11 @@ class Stage1(nn.Module):
         self.head = Head(c, genotype.head)
 
     def forward(self, x: Tensor) -> Tensor:
+        sources = x
         x = self.stem(x)
         for cell in self.cells:
             x = cell(x)
-        return self.head(x)
+        return self.head.image(x, sources[:, :1], sources[:, 1:2])
 
 
 class Branch(nn.Module):
@@ -174,9 +187,9 @@ class Stage2(nn.Module):
             k = self.mask_branch
             mask = self.gate(feats[k])
             out["mask"] = mask
-            fused = self.head(mask * feats[k] + (1 - mask) * feats[1 - k])
+            fused = self.head.image(mask * feats[k] + (1 - mask) * feats[1 - k], a, b)
         else:
-            fused = self.head(torch.cat(feats, 1))
+            fused = self.head.image(torch.cat(feats, 1), a, b)
         out["fused"] = fused
         for name, branch, f in zip(("aux_a", "aux_b"), self.branches, feats, strict=True):
             if aux and branch.aux is not None:

@@ -193,7 +193,9 @@ class PairedDataset(Dataset):
     ``crop`` set: a random ``crop`` x ``crop`` patch (images smaller than the crop are
     reflect-padded) and random flips, drawn from a generator seeded by (seed, epoch,
     index), so a run is reproducible and every epoch sees new patches. ``crop`` None:
-    the full image, never resized.
+    the full image, never resized. ``cache`` keeps each decoded pair in memory after its
+    first read (float32 luminance), so training epochs over a small real set do not decode
+    the same JPEGs again for every patch.
     """
 
     def __init__(
@@ -204,8 +206,10 @@ class PairedDataset(Dataset):
         seed: int = 0,
         labels: bool = False,
         num_classes: int | None = None,
+        cache: bool = False,
     ) -> None:
         self.records = list(records)
+        self.cache: dict[int, list[np.ndarray]] | None = {} if cache else None
         self.crop = crop
         self.flip = flip
         self.seed = seed
@@ -219,13 +223,16 @@ class PairedDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def _planes(self, index: int) -> list[np.ndarray]:
+        """The pair's luminance planes on [0, 1] (and its label map), decoded or cached."""
         from timfusion.tasks.labels import read_label
 
+        if self.cache is not None and index in self.cache:
+            return self.cache[index]
         record = self.records[index]
         a, b = load_pair(record)
         ya, yb, _ = split_colour(a, b)
-        planes = [ya / 255.0, yb / 255.0]
+        planes = [(ya / 255.0).astype(np.float32), (yb / 255.0).astype(np.float32)]
         height, width = ya.shape
         if self.labels:
             if record.label is None:
@@ -235,6 +242,13 @@ class PairedDataset(Dataset):
                 if self.num_classes is not None:
                     label = np.where(label < self.num_classes, label, 0)
             planes.append(label)
+        if self.cache is not None:
+            self.cache[index] = planes
+        return planes
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        record = self.records[index]
+        planes = self._planes(index)
         if self.crop is not None:
             rng = np.random.default_rng([self.seed, self.epoch, index])
             planes = _random_patch(planes, self.crop, rng, self.flip)

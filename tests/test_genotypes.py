@@ -220,6 +220,33 @@ def test_invalid_genotypes_are_user_errors(edit, expected):
         Genotype.from_dict(data)
 
 
+def test_select_head_blends_the_sources_per_pixel():
+    data = _compact_dict()
+    data["stage1"]["head"]["output"] = "select"
+    network = FusionNetwork(Genotype.from_dict(data)).eval()
+    a, b = torch.rand(2, 1, 37, 45), torch.rand(2, 1, 37, 45)
+    with torch.no_grad():
+        fused = network.fuse(a, b)
+        logits = network.stage1.head(_features(network, a, b))
+    weight = torch.sigmoid(logits)
+    torch.testing.assert_close(fused, weight * a + (1 - weight) * b)
+    assert (fused >= torch.minimum(a, b) - 1e-6).all() and (fused <= torch.maximum(a, b) + 1e-6).all()
+
+
+def _features(network: FusionNetwork, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    x = network.stage1.stem(torch.cat((a, b), 1))
+    for cell in network.stage1.cells:
+        x = cell(x)
+    return x
+
+
+def test_select_is_refused_on_an_auxiliary_head():
+    data = json.loads(load_genotype("tim_ivif").to_json())
+    data["stage2"]["aux_head"]["output"] = "select"
+    with pytest.raises(UserError, match="aux_head: output 'select' needs both sources"):
+        Genotype.from_dict(data)
+
+
 def test_unknown_genotype_name_lists_the_named_ones(tmp_path):
     with pytest.raises(UserError, match="unknown genotype; named genotypes: .*compact.*tim_ivif"):
         load_genotype("nope")

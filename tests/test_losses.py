@@ -232,6 +232,33 @@ def test_fusion_loss_sums_weighted_parts() -> None:
     torch.testing.assert_close(parts["gradient"], GradientLoss()(a, b, fused))
 
 
+def test_selection_is_zero_on_a_per_pixel_choice_and_grows_with_blending() -> None:
+    a, b = _pair()
+    choice = torch.rand_like(a) < 0.5
+    loss = LOSS_TERMS.get("selection")()
+    assert float(loss(a, b, torch.where(choice, a, b))) == 0.0
+    half = float(loss(a, b, (a + b) / 2))
+    torch.testing.assert_close(torch.tensor(half), ((a - b).abs() / 2).mean())
+    assert float(loss(a, b, 0.9 * a + 0.1 * b)) < half
+
+
+def test_pixel_only_sums_the_pixel_fidelity_terms() -> None:
+    a, b = _pair()
+    fused = _rand(2, 1, 40, 52, seed=6)
+    loss = FusionLoss({"intensity": 2.0, "gradient": 10.0, "ssim": 1.0})
+    total, parts = loss(a, b, fused, pixel_only=True)
+    assert set(parts) == {"intensity", "gradient", "ssim"}  # every part is still reported
+    torch.testing.assert_close(total, 2.0 * parts["intensity"])
+    # without a pixel-fidelity term, pixel_only falls back to the whole loss
+    structural = FusionLoss({"gradient": 10.0, "ssim": 1.0})
+    torch.testing.assert_close(structural(a, b, fused, pixel_only=True)[0], structural(a, b, fused)[0])
+
+
+def test_pixel_fidelity_terms_are_the_pixel_targets() -> None:
+    flagged = {name for name in NAMES if getattr(LOSS_TERMS.get(name), "pixel_fidelity", False)}
+    assert flagged == {"intensity", "exposure", "focus", "activity"}
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_fusion_loss_single_term_equals_the_term(name: str) -> None:
     a, b = _pair()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -18,23 +19,55 @@ def _list(values: Any) -> str:
     return "[" + ",".join(str(v) for v in values) + "]"
 
 
-@command("run", config="run", summary="the main job: synthetic data -> baselines -> evaluation and ranking")
+def _train_compact(cfg: DictConfig, task: str, workdir: Path, tracking: str) -> dict[str, Any]:
+    """Train the configured genotype briefly on fresh synthetic pairs (another seed than the evaluation set)."""
+    from timfusion.platform.jobs.train import train
+
+    spec = cfg.train
+    height, width = spec.size
+    return train(compose("train", [
+        task, "cluster=local", f"cluster.num_workers={spec.workers}", f"cluster.storage_path={workdir / 'runs' / 'ray'}",
+        f"tracking.uri={tracking}", f"workdir={workdir / 'train'}", f"genotype={spec.genotype}",
+        "data=synthetic", f"data.synthetic.n={spec.n}", f"data.synthetic.size=[{height},{width}]",
+        f"data.synthetic.seed={int(cfg.seed) + 1}", f"train.steps={spec.steps}",
+        f"train.time_budget_s={spec.time_budget_s}", f"train.checkpoint_every={spec.steps}",
+        f"guidance.weight={spec.guidance_weight}", f"name=run-{spec.genotype}-{time.strftime('%Y%m%d-%H%M%S')}",
+    ]))
+
+
+@command("run", config="run", summary="the main job: synthetic data -> baselines + trained network -> ranking")
 def run(cfg: DictConfig) -> dict[str, Any]:
     workdir = Path(str(cfg.workdir)).resolve()
     data_dir, fused_dir, eval_dir = workdir / "data", workdir / "fused", workdir / "evaluate"
     task = f"task={OmegaConf.select(cfg, 'task.name')}"
-    print(f"[1/3] synthetic {cfg.task.name} data -> {data_dir}")
+    tracking = f"sqlite:///{workdir / 'runs' / 'mlflow.db'}"
+    steps = 4 if cfg.train.enabled else 3
+    print(f"[1/{steps}] synthetic {cfg.task.name} data -> {data_dir}")
     height, width = cfg.size
     synth(compose("data_synth", [task, f"out={data_dir}", f"n={cfg.n}", f"size=[{height},{width}]",
                                  f"seed={cfg.seed}", "overwrite=true"]))
-    print(f"[2/3] fusing with baselines {', '.join(cfg.baselines)}")
+    print(f"[2/{steps}] fusing with baselines {', '.join(cfg.baselines)}")
     for name in cfg.baselines:
         fuse(compose("fuse", [task, f"model=baseline:{name}", f"data.root={data_dir}",
                               f"out={fused_dir / name}", "overwrite=true"]))
-    print(f"[3/3] scoring with the {cfg.definition} metrics")
+    methods = list(cfg.baselines)
+    trained = None
+    if cfg.train.enabled:
+        print(f"[3/{steps}] training {cfg.train.genotype} on Ray Train (synthetic {cfg.task.name}, "
+              f"at most {cfg.train.time_budget_s} s)")
+        (workdir / "runs").mkdir(parents=True, exist_ok=True)
+        trained = _train_compact(cfg, task, workdir, tracking)
+        method = f"timfusion_{cfg.train.genotype}"
+        fuse(compose("fuse", [task, f"model=runs:/{trained['run_id']}", f"tracking.uri={tracking}",
+                              f"data.root={data_dir}", f"out={fused_dir / method}", "overwrite=true"]))
+        methods.append(method)
+    print(f"[{steps}/{steps}] scoring with the {cfg.definition} metrics")
     result = evaluate(compose("evaluate", [task, f"data.root={data_dir}", f"fused={fused_dir}",
                                            f"definition={cfg.definition}", f"metrics={_list(cfg.metrics)}",
-                                           f"out={eval_dir}", f"methods={_list(cfg.baselines)}"]))
+                                           f"out={eval_dir}", f"methods={_list(methods)}"]))
     print(f"\ndone. results under {workdir}:\n  rank table  {eval_dir / 'ranks.md'}\n"
-          f"  rank chart  {eval_dir / 'ranks.png'}\n  fused images {fused_dir}/<baseline>/")
-    return result
+          f"  rank chart  {eval_dir / 'ranks.png'}\n  fused images {fused_dir}/<method>/")
+    if trained is not None:
+        print(f"  MLflow store {tracking} (training run {trained['run_id']})\n"
+              f"  open its UI: mlflow ui --backend-store-uri {tracking}")
+    return {**result, "train": trained}
