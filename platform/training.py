@@ -396,7 +396,7 @@ def validate(
     if head is not None:
         head.train()
     metrics = {name: float(np.mean(values)) for name, values in sums.items() if values}
-    if confusion is not None:
+    if confusion is not None and int(confusion.sum()) > 0:  # some validation pair has labels
         metrics["mIoU"] = mean_iou(confusion)
     return metrics, encode_image(_grid(tiles), ".png")
 

@@ -31,6 +31,7 @@ from torch.utils.data import Dataset
 
 from timfusion.platform.errors import UserError
 from timfusion.tasks.base import FusionTask, split_colour
+from timfusion.tasks.heads import IGNORE_INDEX
 from timfusion.tasks.imageio import IMAGE_SUFFIXES, is_url, read_bytes, read_image
 
 MANIFEST_NAME = "MANIFEST.tsv"
@@ -235,12 +236,12 @@ class PairedDataset(Dataset):
         planes = [(ya / 255.0).astype(np.float32), (yb / 255.0).astype(np.float32)]
         height, width = ya.shape
         if self.labels:
-            if record.label is None:
-                label = np.zeros((height, width), dtype=np.int64)
+            if record.label is None:  # unlabelled pair: no pixel counts in the task loss
+                label = np.full((height, width), IGNORE_INDEX, dtype=np.int64)
             else:
                 label = read_label(record.label, width, height).astype(np.int64)
                 if self.num_classes is not None:
-                    label = np.where(label < self.num_classes, label, 0)
+                    label = np.where((label < self.num_classes) | (label == IGNORE_INDEX), label, 0)
             planes.append(label)
         if self.cache is not None:
             self.cache[index] = planes
@@ -267,7 +268,9 @@ def _random_patch(planes: list[np.ndarray], crop: int, rng: np.random.Generator,
     pad_h, pad_w = max(0, crop - height), max(0, crop - width)
     if pad_h or pad_w:
         planes = [
-            np.pad(p, ((0, pad_h), (0, pad_w)), mode="reflect" if p.dtype != np.int64 else "constant")
+            np.pad(p, ((0, pad_h), (0, pad_w)), mode="reflect")
+            if p.dtype != np.int64
+            else np.pad(p, ((0, pad_h), (0, pad_w)), constant_values=IGNORE_INDEX)
             for p in planes
         ]
         height, width = planes[0].shape

@@ -52,8 +52,11 @@ class SegmentationHead(nn.Module):
 
 
 def segmentation_loss(logits: Tensor, labels: Tensor) -> Tensor:
-    """Pixel-wise cross-entropy; label ``IGNORE_INDEX`` pixels do not count."""
-    return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX)
+    """Pixel-wise cross-entropy; label ``IGNORE_INDEX`` pixels do not count (a batch with
+    no labelled pixel, e.g. of a dataset without labels, gives 0 and no gradient)."""
+    per_pixel = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="none")
+    counted = (labels != IGNORE_INDEX).sum()
+    return per_pixel.sum() / counted.clamp(min=1)
 
 
 def confusion_matrix(logits: Tensor, labels: Tensor, num_classes: int) -> Tensor:

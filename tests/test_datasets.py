@@ -79,6 +79,37 @@ def test_crop_larger_than_image_pads(synthetic_ir_vis, task):
     assert item["a"].shape == (1, 80, 80) and item["label"].shape == (80, 80)
 
 
+def test_unlabelled_pairs_and_padding_are_ignored_by_the_task_loss(synthetic_ir_vis, task):
+    import dataclasses
+
+    import torch
+
+    from timfusion.tasks.heads import IGNORE_INDEX, segmentation_loss
+
+    records = load_records(str(synthetic_ir_vis), task)
+    padded = PairedDataset(records, crop=80, seed=0, labels=True, flip=False)[0]["label"]
+    assert (padded[64:, :] == IGNORE_INDEX).all() and (padded[:64, :] != IGNORE_INDEX).all()
+    unlabelled = dataclasses.replace(records[0], label=None)
+    label = PairedDataset([unlabelled], labels=True)[0]["label"]
+    assert (label == IGNORE_INDEX).all()
+    logits = torch.randn(1, 3, *label.shape, requires_grad=True)
+    loss = segmentation_loss(logits, label[None])
+    loss.backward()
+    assert float(loss) == 0.0 and torch.isfinite(logits.grad).all() and float(logits.grad.abs().sum()) == 0.0
+
+
+def test_cached_items_equal_decoded_ones(synthetic_ir_vis, task):
+    records = load_records(str(synthetic_ir_vis), task)
+    cached = PairedDataset(records, crop=24, seed=2, labels=True, cache=True)
+    plain = PairedDataset(records, crop=24, seed=2, labels=True)
+    for epoch in (0, 1):
+        cached.set_epoch(epoch)
+        plain.set_epoch(epoch)
+        for key in ("a", "b", "label"):
+            assert (cached[1][key] == plain[1][key]).all()
+    assert set(cached.cache) == {1}
+
+
 def test_image_reading_modes(tmp_path):
     from PIL import Image
 

@@ -109,6 +109,25 @@ def test_resume_of_unknown_run_is_refused(workdir):
         run_train("name=ghost", "resume=true")
 
 
+def test_main_job_trains_fuses_and_ranks_the_network_beside_the_baselines(ray_cluster, workdir, capsys):
+    from mlflow.tracking import MlflowClient
+
+    from timfusion.platform.jobs.run import run
+
+    result = run(compose("run", [
+        f"workdir={workdir / 'main'}", "n=3", "size=[64,80]", "baselines=[average,gff]", "metrics=[EN,MI,Qabf]",
+        "train.steps=3", "train.n=6", "train.size=[64,64]", "train.workers=1", "train.time_budget_s=120",
+    ]))
+    ranks = (workdir / "main" / "evaluate" / "ranks.md").read_text()
+    assert "timfusion_compact" in ranks and "gff" in ranks and "average" in ranks
+    assert len(list((workdir / "main" / "fused" / "timfusion_compact").glob("*.png"))) == 3
+    trained = result["train"]
+    assert trained["tracking_uri"] == f"sqlite:///{workdir / 'main' / 'runs' / 'mlflow.db'}"
+    run_info = MlflowClient(trained["tracking_uri"]).get_run(trained["run_id"])
+    assert run_info.info.status == "FINISHED" and run_info.data.tags["final_step"] == "3"
+    assert "mlflow ui --backend-store-uri sqlite:///" in capsys.readouterr().out
+
+
 def test_unknown_op_lists_known_ops(workdir):
     bad = workdir / "bad.json"
     genotype = json.loads((compose("train", []).get("genotype") and
