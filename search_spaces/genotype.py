@@ -7,7 +7,8 @@ A genotype fixes
 * ``stage1``: its cells (``type`` + op ``names`` per position) and its ``head``, a
   stack of convolutions down to one channel, each optionally followed by PReLU, with an
   output form: ``none`` (the image itself), ``tanh``, or ``select`` (the one channel is a
-  decision logit z and the fused image is ``sigmoid(z) a + (1 - sigmoid(z)) b``: a learned
+  decision logit z and the fused image is ``w a + (1 - w) b`` with ``w = clamp(0.5 + z, 0,
+  1)`` (straight-through gradient, :func:`network.decision_weight`): a learned
   per-pixel choice between the sources, which keeps the sources' own pixel values and
   edges where it is decisive),
 * an optional ``stage2``: two ``branches``, branch 0 over [source a, stage-1 output] and

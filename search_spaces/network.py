@@ -89,11 +89,23 @@ class Stem(nn.Sequential):
         return super().forward(x.contiguous(memory_format=torch.channels_last))
 
 
+def decision_weight(logit: Tensor) -> Tensor:
+    """``clamp(0.5 + z, 0, 1)`` forward, identity gradient backward (straight-through).
+
+    A sigmoid saturates: once a region's weight is near 0 or 1 its gradient vanishes and a
+    network that chose one source everywhere early in training never recovers (observed:
+    every pixel from IR). The clamp reaches exact 0 and 1, so a decisive region copies its
+    source pixel for pixel, and the straight-through gradient can always move it back.
+    """
+    clamped = (logit + 0.5).clamp(0.0, 1.0)
+    return clamped + (logit - logit.detach())
+
+
 class Head(nn.Sequential):
     """The genotype's head: reflect-padded convs (each optionally + PReLU), then its output.
 
     :meth:`image` turns features into the fused image: the head's output itself, or for
-    ``output: select`` the per-pixel blend ``w a + (1 - w) b`` with ``w = sigmoid(head(x))``.
+    ``output: select`` the per-pixel blend ``w a + (1 - w) b`` with ``w = decision_weight(head(x))``.
     """
 
     def __init__(self, c_in: int, spec: HeadSpec) -> None:
@@ -112,7 +124,7 @@ class Head(nn.Sequential):
         out = self(features)
         if not self.select:
             return out
-        weight = torch.sigmoid(out)
+        weight = decision_weight(out)
         return weight * a + (1 - weight) * b
 
 

@@ -228,9 +228,19 @@ def test_select_head_blends_the_sources_per_pixel():
     with torch.no_grad():
         fused = network.fuse(a, b)
         logits = network.stage1.head(_features(network, a, b))
-    weight = torch.sigmoid(logits)
+    weight = (logits + 0.5).clamp(0, 1)
     torch.testing.assert_close(fused, weight * a + (1 - weight) * b)
     assert (fused >= torch.minimum(a, b) - 1e-6).all() and (fused <= torch.maximum(a, b) + 1e-6).all()
+
+
+def test_decision_weight_reaches_the_sources_and_keeps_its_gradient():
+    from timfusion.search_spaces.network import decision_weight
+
+    logit = torch.tensor([-3.0, -0.5, 0.0, 0.25, 0.5, 4.0], requires_grad=True)
+    weight = decision_weight(logit)
+    torch.testing.assert_close(weight.detach(), torch.tensor([0.0, 0.0, 0.5, 0.75, 1.0, 1.0]))
+    weight.sum().backward()
+    torch.testing.assert_close(logit.grad, torch.ones(6))  # saturated regions can still move back
 
 
 def _features(network: FusionNetwork, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
