@@ -98,7 +98,7 @@ def decision_weight(logit: Tensor) -> Tensor:
     source pixel for pixel, and the straight-through gradient can always move it back.
     """
     clamped = (logit + 0.5).clamp(0.0, 1.0)
-    return clamped + (logit - logit.detach())
+    return clamped.detach() + (logit - logit.detach())
 
 
 class Head(nn.Sequential):
