@@ -312,6 +312,7 @@ class FusionLoss(nn.Module):
         self, a: Tensor, b: Tensor, fused: Tensor, pixel_only: bool = False
     ) -> tuple[Tensor, dict[str, Tensor]]:
         parts = {name: term(a, b, fused) for name, term in self.terms.items()}
-        summed = [n for n in parts if not pixel_only or getattr(self.terms[n], "pixel_fidelity", False)] or list(parts)
+        pixel = [n for n in parts if getattr(self.terms[n], "pixel_fidelity", False)]
+        summed = (pixel or list(parts)) if pixel_only else list(parts)
         total = torch.stack([self.weights[name] * parts[name] for name in summed]).sum()
         return total, parts

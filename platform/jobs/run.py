@@ -20,22 +20,25 @@ def _list(values: Any) -> str:
 
 
 def _train_compact(cfg: DictConfig, task: str, workdir: Path, tracking: str) -> dict[str, Any]:
-    """Train the configured genotype briefly on fresh synthetic pairs (another seed than the evaluation set)."""
+    """Train the configured genotype briefly on fresh synthetic pairs (another seed than the evaluation's)."""
     from timfusion.platform.jobs.train import train
 
     spec = cfg.train
     height, width = spec.size
     return train(compose("train", [
-        task, "cluster=local", f"cluster.num_workers={spec.workers}", f"cluster.storage_path={workdir / 'runs' / 'ray'}",
+        task, "cluster=local", f"cluster.num_workers={spec.workers}",
+        f"cluster.storage_path={workdir / 'runs' / 'ray'}",
         f"tracking.uri={tracking}", f"workdir={workdir / 'train'}", f"genotype={spec.genotype}",
         "data=synthetic", f"data.synthetic.n={spec.n}", f"data.synthetic.size=[{height},{width}]",
         f"data.synthetic.seed={int(cfg.seed) + 1}", f"train.steps={spec.steps}",
         f"train.time_budget_s={spec.time_budget_s}", f"train.checkpoint_every={spec.steps}",
-        f"guidance.weight={spec.guidance_weight}", f"name=run-{spec.genotype}-{time.strftime('%Y%m%d-%H%M%S')}",
+        f"guidance.weight={spec.guidance_weight}",
+        f"name=run-{spec.genotype}-{time.strftime('%Y%m%d-%H%M%S')}",
     ]))
 
 
-@command("run", config="run", summary="the main job: synthetic data -> baselines + trained network -> ranking")
+@command("run", config="run",
+         summary="the main job: synthetic data -> baselines + trained network -> ranking")
 def run(cfg: DictConfig) -> dict[str, Any]:
     workdir = Path(str(cfg.workdir)).resolve()
     data_dir, fused_dir, eval_dir = workdir / "data", workdir / "fused", workdir / "evaluate"
