@@ -250,7 +250,7 @@ def train_worker(config: dict[str, Any]) -> None:
 
     records = [PairRecord(**r) for r in config["train_records"]]
     dataset = PairedDataset(records, crop=int(train_cfg["crop"]), seed=int(train_cfg["seed"]), labels=guided,
-                            num_classes=len(task.classes), cache=bool(train_cfg.get("cache_images", True)))
+                            num_classes=len(task.classes), cache=bool(train_cfg["cache_images"]))
     loader = ctx.prepare_loader(DataLoader(
         dataset, batch_size=int(train_cfg["batch_size"]), shuffle=True, drop_last=len(dataset) >= int(train_cfg["batch_size"]) * ctx.world_size,
         num_workers=int(train_cfg["loader_workers"]), generator=torch.Generator().manual_seed(int(train_cfg["seed"])),
@@ -266,7 +266,7 @@ def train_worker(config: dict[str, Any]) -> None:
     log_every, ckpt_every = int(train_cfg["log_every"]), int(train_cfg["checkpoint_every"])
     val_every = int(train_cfg["val_every"]) or total_steps
     budget_s = train_cfg.get("time_budget_s")
-    fidelity_warmup = int(train_cfg.get("fidelity_warmup_steps") or 0)
+    fidelity_warmup = int(train_cfg["fidelity_warmup_steps"])
     batches = _batches(loader, epoch)
     window: dict[str, list[float]] = {}
     started, seen = time.perf_counter(), 0
