@@ -10,7 +10,9 @@ A genotype fixes
   decision logit z and the fused image is ``w a + (1 - w) b`` with ``w = clamp(0.5 + z, 0,
   1)`` (straight-through gradient, :func:`network.decision_weight`): a learned
   per-pixel choice between the sources, which keeps the sources' own pixel values and
-  edges where it is decisive),
+  edges where it is decisive); a ``select`` head may add an ``activity`` comparison
+  (:class:`network.ActivityDecision`: ``{"channels": 4, "kernel": 3, "window": 23,
+  "gain": 12.5}``), whose logit is added to the convolutions',
 * an optional ``stage2``: two ``branches``, branch 0 over [source a, stage-1 output] and
   branch 1 over [source b, stage-1 output], each a stem and a list of cells; a ``merge``,
   ``mask`` (IR/VIS: ``m = sigmoid(1x1([max_c f_k, mean_c f_k]))`` of branch ``mask_branch``'s
@@ -71,14 +73,31 @@ class HeadLayer:
 
 
 @dataclass(frozen=True)
+class ActivitySpec:
+    """A ``select`` head's activity comparison (:class:`network.ActivityDecision`)."""
+
+    channels: int = 4
+    kernel: int = 3
+    window: int = 23
+    gain: float = 12.5
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"channels": self.channels, "kernel": self.kernel, "window": self.window, "gain": self.gain}
+
+
+@dataclass(frozen=True)
 class HeadSpec:
     """Convolutions (reflect-padded, with bias) down to one channel, then ``output``."""
 
     layers: tuple[HeadLayer, ...]
     output: str = "none"  # one of HEAD_OUTPUTS
+    activity: ActivitySpec | None = None  # only with output "select"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"layers": [layer.to_dict() for layer in self.layers], "output": self.output}
+        out: dict[str, Any] = {"layers": [layer.to_dict() for layer in self.layers], "output": self.output}
+        if self.activity is not None:
+            out["activity"] = self.activity.to_dict()
+        return out
 
 
 @dataclass(frozen=True)
@@ -221,27 +240,48 @@ def _cells(data: Any, where: str) -> tuple[CellSpec, ...]:
     return tuple(_cell(c, f"{where} cell {i}") for i, c in enumerate(data))
 
 
+def _odd(reader: _Reader, key: str, default: int) -> int:
+    value = reader.positive(key, default)
+    if value % 2 == 0:
+        raise UserError(f"{reader.where}: {key} must be odd, got {value}")
+    return value
+
+
+def _activity(data: Any, where: str) -> ActivitySpec:
+    r = _Reader(data, where, ("channels", "kernel", "window", "gain"))
+    gain = r.get("gain", (int, float), ActivitySpec.gain)
+    if not gain > 0 or not math.isfinite(gain):
+        raise UserError(f"{where}: gain must be a finite number > 0, got {gain}")
+    return ActivitySpec(
+        r.positive("channels", ActivitySpec.channels), _odd(r, "kernel", ActivitySpec.kernel),
+        _odd(r, "window", ActivitySpec.window), float(gain),
+    )
+
+
 def _head(data: Any, where: str) -> HeadSpec:
-    r = _Reader(data, where, ("layers", "output"))
+    r = _Reader(data, where, ("layers", "output", "activity"))
     layers_data = r.get("layers", list)
     output = r.get("output", str, "none")
     if output not in HEAD_OUTPUTS:
         raise UserError(f"{where}: output must be one of {', '.join(HEAD_OUTPUTS)}, got {output!r}")
     if not layers_data:
         raise UserError(f"{where}: layers must be a non-empty list")
+    activity = None
+    if r.get("activity", dict, None, nullable=True) is not None:
+        if output != "select":
+            raise UserError(f"{where}: activity needs output 'select' (it compares the two sources), got {output!r}")
+        activity = _activity(data["activity"], f"{where} activity")
     layers = []
     for i, item in enumerate(layers_data):
         lr = _Reader(item, f"{where} layer {i}", ("out", "kernel", "act"))
-        kernel = lr.positive("kernel", 3)
-        if kernel % 2 == 0:
-            raise UserError(f"{where} layer {i}: kernel must be odd, got {kernel}")
+        kernel = _odd(lr, "kernel", 3)
         act = lr.get("act", str, None, nullable=True)
         if act not in HEAD_ACTS:
             raise UserError(f"{where} layer {i}: act must be null or 'prelu', got {act!r}")
         layers.append(HeadLayer(lr.positive("out"), kernel, act))
     if layers[-1].out != 1:
         raise UserError(f"{where}: the last layer must have out 1 (one fused channel), got {layers[-1].out}")
-    return HeadSpec(tuple(layers), output)
+    return HeadSpec(tuple(layers), output, activity)
 
 
 def _aux_head(data: Any, where: str) -> HeadSpec:

@@ -56,6 +56,7 @@ from timfusion.platform.errors import UserError
 from timfusion.search_spaces.cells import CELLS, Cell, OpSlot
 from timfusion.search_spaces.genotype import Genotype, HeadSpec, load_genotype
 from timfusion.search_spaces.ops import channel_max_mean
+from timfusion.tasks.filters import box_mean
 from timfusion.tasks.fusers import Fuser, check_pair
 from timfusion.tasks.imageio import atomic_write_bytes, read_bytes
 
@@ -101,11 +102,55 @@ def decision_weight(logit: Tensor) -> Tensor:
     return clamped.detach() + (logit - logit.detach())
 
 
+LAPLACIAN_3X3 = ((0.0, 1.0, 0.0), (1.0, -4.0, 1.0), (0.0, 1.0, 0.0))
+
+
+class ActivityDecision(nn.Module):
+    """A learned activity-level comparison of the two sources: a decision logit.
+
+    ``e_s = box_mean(phi(s)^2)`` over a ``window`` x ``window`` box for each source ``s``,
+    with ``phi`` one bias-free ``kernel`` x ``kernel`` conv to ``channels`` maps shared by
+    both sources; ``z = sum_k v_k (e_a,k - e_b,k) / (e_a,k + e_b,k + 1e-8)``.
+
+    Why: the network's cells see ``[a, b]`` mixed from the first conv and, in 30 minutes of
+    CPU training, learn no per-pixel choice at all (they settle on a constant, one source
+    everywhere). This comparison is antisymmetric (swapping the sources gives ``-z``) and
+    scale-free (a normalised difference), so it transfers across sensors and exposures,
+    and it starts as the classic focus/activity rule: every ``phi_k`` is initialised to the
+    4-neighbour Laplacian (plus small noise so the maps differ) and ``v_k = gain /
+    channels``, the slope of ``sigmoid(50 r)`` at 0 for the default gain 12.5. Training
+    then adapts the filters, their weights and, through the head's convolutions, a
+    content-dependent correction (thermal targets, the task's classes).
+    """
+
+    def __init__(self, channels: int = 4, kernel: int = 3, window: int = 23, gain: float = 12.5) -> None:
+        super().__init__()
+        self.window = window
+        self.phi = nn.Conv2d(1, channels, kernel, padding=kernel // 2, padding_mode="reflect", bias=False)
+        self.mix = nn.Conv2d(channels, 1, 1, bias=False)
+        with torch.no_grad():
+            centre = torch.ones(1, 1)
+            if kernel >= 3:  # the Laplacian in the middle of the kernel
+                centre = F.pad(torch.tensor(LAPLACIAN_3X3), (kernel // 2 - 1,) * 4)
+            noise = torch.randn(channels, 1, kernel, kernel, generator=torch.Generator().manual_seed(0))
+            self.phi.weight.copy_(centre.expand(channels, 1, kernel, kernel) + 0.01 * noise)
+            self.mix.weight.fill_(gain / channels)
+
+    def forward(self, a: Tensor, b: Tensor) -> Tensor:
+        n = a.shape[0]
+        energy = box_mean(self.phi(torch.cat((a, b))).square(), self.window // 2)
+        e_a, e_b = energy[:n], energy[n:]
+        return self.mix((e_a - e_b) / (e_a + e_b + 1e-8))
+
+
 class Head(nn.Sequential):
     """The genotype's head: reflect-padded convs (each optionally + PReLU), then its output.
 
     :meth:`image` turns features into the fused image: the head's output itself, or for
-    ``output: select`` the per-pixel blend ``w a + (1 - w) b`` with ``w = decision_weight(head(x))``.
+    ``output: select`` the per-pixel blend ``w a + (1 - w) b`` with ``w = decision_weight(z)``,
+    ``z`` the convolutions' output plus, where the genotype gives one, an
+    :class:`ActivityDecision` of the sources; with it the last conv starts at zero, so the
+    network starts as the activity rule and learns its corrections.
     """
 
     def __init__(self, c_in: int, spec: HeadSpec) -> None:
@@ -119,11 +164,25 @@ class Head(nn.Sequential):
             layers.append(nn.Tanh())
         super().__init__(*layers)
         self.select = spec.output == "select"
+        self.activity: ActivityDecision | None = None
+        if spec.activity is not None:
+            last = layers[-2] if isinstance(layers[-1], nn.PReLU) else layers[-1]
+            nn.init.zeros_(last.weight)
+            nn.init.zeros_(last.bias)
+            self.activity = ActivityDecision(**spec.activity.to_dict())  # forward() skips it
+
+    def forward(self, features: Tensor) -> Tensor:
+        for name, layer in self._modules.items():
+            if name != "activity":
+                features = layer(features)
+        return features
 
     def image(self, features: Tensor, a: Tensor, b: Tensor) -> Tensor:
         out = self(features)
         if not self.select:
             return out
+        if self.activity is not None:
+            out = box_mean(out, self.activity.window // 2) + self.activity(a, b)
         weight = decision_weight(out)
         return weight * a + (1 - weight) * b
 

@@ -211,6 +211,13 @@ def test_an_unknown_op_lists_the_known_ones():
             "multiple 1 must be",
         ),
         (lambda d: d.update(stage2={"branches": [], "merge": "mask", "head": {}}), "exactly two branches"),
+        (
+            lambda d: d["stage1"]["head"].update(output="none", activity={}),
+            "activity needs output 'select'",
+        ),
+        (lambda d: d["stage1"]["head"].update(activity={"window": 8}), "activity: window must be odd, got 8"),
+        (lambda d: d["stage1"]["head"].update(activity={"gain": -1}), "activity: gain must be a finite number > 0"),
+        (lambda d: d["stage1"]["head"].update(activity={"size": 3}), "activity: unknown key 'size'"),
     ],
 )
 def test_invalid_genotypes_are_user_errors(edit, expected):
@@ -223,6 +230,7 @@ def test_invalid_genotypes_are_user_errors(edit, expected):
 def test_select_head_blends_the_sources_per_pixel():
     data = _compact_dict()
     data["stage1"]["head"]["output"] = "select"
+    data["stage1"]["head"].pop("activity", None)
     network = FusionNetwork(Genotype.from_dict(data)).eval()
     a, b = torch.rand(2, 1, 37, 45), torch.rand(2, 1, 37, 45)
     with torch.no_grad():
@@ -231,6 +239,46 @@ def test_select_head_blends_the_sources_per_pixel():
     weight = (logits + 0.5).clamp(0, 1)
     torch.testing.assert_close(fused, weight * a + (1 - weight) * b)
     assert (fused >= torch.minimum(a, b) - 1e-6).all() and (fused <= torch.maximum(a, b) + 1e-6).all()
+
+
+def test_activity_head_starts_as_the_activity_rule_and_is_antisymmetric():
+    """At initialisation the decision is the activity loss's own map; swapping the sources flips it."""
+    from timfusion.tasks.losses import ActivityLoss
+
+    data = _compact_dict()
+    data["stage1"]["head"]["activity"] = {}
+    network = FusionNetwork(Genotype.from_dict(data)).eval()
+    a, b = _textured_pair(96, 128)
+    with torch.no_grad():
+        fused = network.fuse(a, b)
+        swapped = network.fuse(b, a)
+    torch.testing.assert_close(fused, swapped, atol=1e-5, rtol=0)  # same image either way round
+    rule = ActivityLoss().decision_map(a, b) > 0.5
+    from_a = (fused - a).abs() < (fused - b).abs()
+    differ = (a - b).abs() > 0.05
+    assert (from_a == rule)[differ].float().mean() > 0.9
+
+
+def test_activity_head_gradients_reach_the_activity_filters():
+    data = _compact_dict()
+    data["stage1"]["head"]["activity"] = {"channels": 2, "kernel": 5, "window": 9}
+    network = FusionNetwork(Genotype.from_dict(data))
+    a, b = _textured_pair(48, 40)
+    network.fuse(a, b).mean().backward()
+    activity = network.stage1.head.activity
+    assert activity.phi.weight.shape == (2, 1, 5, 5)
+    assert activity.phi.weight.grad.abs().sum() > 0 and activity.mix.weight.grad.abs().sum() > 0
+    assert network.stage1.head[2].weight.grad.abs().sum() > 0  # the learned correction (zero at start)
+
+
+def _textured_pair(h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``a`` textured on the left half, ``b`` on the right, both flat elsewhere."""
+    noise = torch.rand(2, 1, 1, h, w, generator=torch.Generator().manual_seed(3))
+    left = torch.zeros(1, 1, h, w)
+    left[..., : w // 2] = 1.0
+    a = 0.3 + 0.4 * noise[0] * left
+    b = 0.6 + 0.3 * noise[1] * (1 - left)
+    return a, b
 
 
 def test_decision_weight_reaches_the_sources_and_keeps_its_gradient():
