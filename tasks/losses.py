@@ -248,8 +248,9 @@ class ActivityLoss(FocusLoss):
     Thermal targets (strong edges in IR) and visible texture (strong edges in VIS) each
     come from the source that carries them, with that source's own contrast. On the 21
     VIFB pairs this rule alone scores MI 7.10, Qabf 0.717, VIF 0.973 (tang definition),
-    above every classic baseline on each: the network starts from it and the task
-    guidance moves it from there.
+    above every classic baseline on each (``hard=True``, the ir_vis default: 7.45, 0.724,
+    0.970). The compact genotype's activity head starts as this rule; training and the
+    task guidance move it from there.
     """
 
     def __init__(
