@@ -4,6 +4,7 @@
 * :mod:`.cells` — :data:`CELLS`: ``chain`` and ``multiscale``, with an injectable op factory.
 * :mod:`.genotype` — :class:`Genotype` (JSON), :func:`load_genotype`, :func:`GENOTYPES`.
 * :mod:`.network` — :class:`FusionNetwork`, size counting, :func:`save_model` / :func:`load_model`.
+* :mod:`.hypergrad` — :data:`HYPERGRADS`, the bilevel search's hypergradient methods.
 """
 
 from timfusion.search_spaces.cells import CELLS, Cell, OpSlot

@@ -269,7 +269,9 @@ def _head(data: Any, where: str) -> HeadSpec:
     activity = None
     if r.get("activity", dict, None, nullable=True) is not None:
         if output != "select":
-            raise UserError(f"{where}: activity needs output 'select' (it compares the two sources), got {output!r}")
+            raise UserError(
+                f"{where}: activity needs output 'select' (it compares the two sources), got {output!r}"
+            )
         activity = _activity(data["activity"], f"{where} activity")
     layers = []
     for i, item in enumerate(layers_data):

@@ -1,0 +1,231 @@
+"""Hypergradients of the bilevel architecture search: ``dF/dalpha`` at ``w ~ argmin_w f(w, alpha)``.
+
+``f`` is the lower (training) loss of the network weights ``w``, ``F`` the upper
+(validation) objective; both depend on the architecture weights ``alpha``. The exact
+hypergradient (implicit function theorem, at a lower-level optimum) is
+
+    dF/dalpha = dF/dalpha|_direct - d2f/dalpha dw [d2f/dw2]^-1 dF/dw
+
+Every method approximates it from the two loss closures and the current parameters;
+one class per method, registered in :data:`HYPERGRADS` under the ``hypergrad=`` name:
+
+* ``first_order`` — the direct term only (DARTS first order).
+* ``darts`` — DARTS second order: one virtual SGD step ``w' = w - xi df/dw``, then
+  ``dF/dalpha(w') - xi d2f/dalpha dw dF/dw'``, the mixed product by central finite
+  differences of ``df/dalpha`` at ``w +- eps v`` (Liu, Simonyan, Yang 2019).
+* ``implicit`` — the IFT formula with ``[d2f/dw2]^-1 dF/dw`` solved from exact
+  Hessian-vector products: a truncated Neumann series ``eta sum_k (I - eta H)^k v``
+  (Lorraine et al. 2020) or conjugate gradient (Rajeswaran et al. 2019), ``terms``
+  iterations; the mixed product by double backward.
+* ``tim`` — TIM's rank-one approximation (``../shared/REFERENCE.md``): with ``g_F = dF/dw``,
+  ``g_f = df/dw`` and the constant ``c = <g_F, g_f> / <g_f, g_f>``, the direction is
+  ``dF/dalpha + sign * eta * c * df/dalpha``. Sign: the public TIM code adds the term
+  (``sign=+1``); we default to ``sign=-1``, the sign the IFT gives. Derivation: with the
+  Gauss-Newton approximations ``d2f/dw2 ~ g_f g_f^T / eta_h`` (restricted to ``g_f``'s
+  direction) and ``d2f/dalpha dw ~ df/dalpha g_f^T``, the IFT correction is
+  ``- df/dalpha g_f^T [g_f g_f^T]^+ g_F ~ - c df/dalpha`` times a step size, i.e. it is
+  subtracted. The ridge test in ``tests/test_hypergrad.py`` measures both signs against
+  the exact hypergradient (figures in ``benchmarks/RESULTS.md``).
+
+A new method subclasses :class:`Hypergradient`, registers with ``@HYPERGRADS.register``
+and must pass ``tests/test_hypergrad.py``'s conformance class, which runs every
+registered method.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from timfusion.platform.errors import UserError
+from timfusion.platform.registry import Registry
+
+Loss = Callable[[], Tensor]
+"""A closure evaluating a loss at the current parameters (a scalar with a graph)."""
+
+HYPERGRADS: Registry[type[Hypergradient]] = Registry("hypergradient method")
+
+
+def _grads(loss: Tensor, params: Sequence[Tensor], create_graph: bool = False) -> list[Tensor]:
+    grads = torch.autograd.grad(loss, list(params), create_graph=create_graph, allow_unused=True)
+    return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True)]
+
+
+def _dot(xs: Sequence[Tensor], ys: Sequence[Tensor]) -> Tensor:
+    return sum(((x * y).sum() for x, y in zip(xs, ys, strict=True)), torch.zeros(()))
+
+
+def _norm(xs: Sequence[Tensor]) -> Tensor:
+    return torch.sqrt(_dot(xs, xs))
+
+
+class Hypergradient(abc.ABC):
+    """Approximates ``dF/dalpha``; the weights are left as they were found.
+
+    ``weight_lr`` is the lower level's learning rate (``eta``, ``xi``): the methods that
+    stand a step or a step size in for the inverse Hessian use it.
+    """
+
+    name: str = ""
+
+    def __init__(self, weight_lr: float = 0.01) -> None:
+        if not weight_lr > 0:
+            raise UserError(f"hypergradient {self.name}: weight_lr must be > 0, got {weight_lr}")
+        self.weight_lr = float(weight_lr)
+
+    @abc.abstractmethod
+    def __call__(
+        self, upper: Loss, lower: Loss, weights: Sequence[Tensor], alphas: Sequence[Tensor]
+    ) -> list[Tensor]:
+        """``dF/dalpha``, one tensor per ``alphas`` entry, with no graph attached."""
+
+
+@HYPERGRADS.register("first_order")
+class FirstOrder(Hypergradient):
+    """The direct term ``dF/dalpha`` only: cheapest, ignores how ``w`` follows ``alpha``."""
+
+    name = "first_order"
+
+    def __call__(self, upper, lower, weights, alphas):
+        return _grads(upper(), alphas)
+
+
+@HYPERGRADS.register("darts")
+class DartsSecondOrder(Hypergradient):
+    """DARTS' unrolled one-step hypergradient, finite-difference mixed product."""
+
+    name = "darts"
+
+    def __init__(self, weight_lr: float = 0.01, epsilon: float = 0.01) -> None:
+        super().__init__(weight_lr)
+        self.epsilon = epsilon
+
+    def __call__(self, upper, lower, weights, alphas):
+        saved = [w.detach().clone() for w in weights]
+        xi = self.weight_lr
+        try:
+            with torch.no_grad():
+                step = _grads_nograd(lower, weights)
+                for w, g in zip(weights, step, strict=True):
+                    w.sub_(xi * g)
+            loss = upper()
+            direct_and_v = _grads(loss, [*alphas, *weights])
+            direct, v = direct_and_v[: len(alphas)], direct_and_v[len(alphas) :]
+            eps = self.epsilon / (float(_norm(v)) + 1e-12)
+            with torch.no_grad():
+                for w, s, d in zip(weights, saved, v, strict=True):
+                    w.copy_(s + eps * d)
+            plus = _grads(lower(), alphas)
+            with torch.no_grad():
+                for w, s, d in zip(weights, saved, v, strict=True):
+                    w.copy_(s - eps * d)
+            minus = _grads(lower(), alphas)
+        finally:
+            with torch.no_grad():
+                for w, s in zip(weights, saved, strict=True):
+                    w.copy_(s)
+        return [d - xi * (p - m) / (2 * eps) for d, p, m in zip(direct, plus, minus, strict=True)]
+
+
+def _grads_nograd(loss: Loss, params: Sequence[Tensor]) -> list[Tensor]:
+    with torch.enable_grad():
+        return _grads(loss(), params)
+
+
+@HYPERGRADS.register("implicit")
+class Implicit(Hypergradient):
+    """IFT hypergradient; ``[d2f/dw2]^-1 dF/dw`` by ``solver`` (``neumann`` or ``cg``), ``terms`` steps.
+
+    Neumann: ``p = eta sum_{k=0}^{terms} (I - eta H)^k g_F``, convergent when ``eta`` <
+    2 / (largest eigenvalue of H). CG: ``terms`` conjugate-gradient iterations on ``H p = g_F``
+    (H positive definite near a strict minimum), stopped early below ``tol``.
+    """
+
+    name = "implicit"
+
+    def __init__(
+        self, weight_lr: float = 0.01, terms: int = 10, solver: str = "neumann", tol: float = 1e-10
+    ) -> None:
+        super().__init__(weight_lr)
+        if solver not in ("neumann", "cg"):
+            raise UserError(f"hypergradient implicit: solver must be 'neumann' or 'cg', got {solver!r}")
+        if terms < 1:
+            raise UserError(f"hypergradient implicit: terms must be >= 1, got {terms}")
+        self.terms, self.solver, self.tol = terms, solver, tol
+
+    def __call__(self, upper, lower, weights, alphas):
+        loss = upper()
+        both = _grads(loss, [*alphas, *weights])
+        direct, g_upper = both[: len(alphas)], both[len(alphas) :]
+        g_lower = _grads(lower(), weights, create_graph=True)
+
+        def hvp(v: Sequence[Tensor]) -> list[Tensor]:
+            """``d2f/dw2 v``, keeping ``g_lower``'s graph for the next product and the mixed term."""
+            products = torch.autograd.grad(g_lower, list(weights), grad_outputs=list(v), retain_graph=True)
+            return [h.detach() for h in products]
+
+        solve = self._neumann if self.solver == "neumann" else self._cg
+        p = solve(hvp, [g.detach() for g in g_upper])
+        mixed = _grads(_dot(g_lower, p), alphas)
+        return [d - m for d, m in zip(direct, mixed, strict=True)]
+
+    def _neumann(self, hvp, v: list[Tensor]) -> list[Tensor]:
+        eta = self.weight_lr
+        term = [x.clone() for x in v]
+        total = [x.clone() for x in v]
+        for _ in range(self.terms):
+            h = hvp(term)
+            term = [t - eta * hx for t, hx in zip(term, h, strict=True)]
+            total = [s + t for s, t in zip(total, term, strict=True)]
+        return [eta * s for s in total]
+
+    def _cg(self, hvp, v: list[Tensor]) -> list[Tensor]:
+        x = [torch.zeros_like(t) for t in v]
+        r = [t.clone() for t in v]
+        d = [t.clone() for t in v]
+        rr = _dot(r, r)
+        for _ in range(self.terms):
+            if float(rr) <= self.tol:
+                break
+            hd = hvp(d)
+            step = rr / (_dot(d, hd) + 1e-30)
+            x = [xi + step * di for xi, di in zip(x, d, strict=True)]
+            r = [ri - step * hi for ri, hi in zip(r, hd, strict=True)]
+            rr_new = _dot(r, r)
+            d = [ri + (rr_new / rr) * di for ri, di in zip(r, d, strict=True)]
+            rr = rr_new
+        return x
+
+
+@HYPERGRADS.register("tim")
+class TimRankOne(Hypergradient):
+    """TIM's rank-one hypergradient ``dF/dalpha + sign * eta * c * df/dalpha`` (module docstring)."""
+
+    name = "tim"
+
+    def __init__(self, weight_lr: float = 0.01, sign: float = -1.0) -> None:
+        super().__init__(weight_lr)
+        if sign not in (-1.0, 1.0, -1, 1):
+            raise UserError(f"hypergradient tim: sign must be -1 (IFT) or +1 (public code), got {sign}")
+        self.sign = float(sign)
+
+    def __call__(self, upper, lower, weights, alphas):
+        both_upper = _grads(upper(), [*alphas, *weights])
+        direct, g_upper = both_upper[: len(alphas)], both_upper[len(alphas) :]
+        both_lower = _grads(lower(), [*alphas, *weights])
+        d_lower, g_lower = both_lower[: len(alphas)], both_lower[len(alphas) :]
+        c = _dot(g_upper, g_lower) / (_dot(g_lower, g_lower) + 1e-12)
+        scale = self.sign * self.weight_lr * float(c)
+        return [d + scale * dl for d, dl in zip(direct, d_lower, strict=True)]
+
+
+def build_hypergrad(name: str, **options) -> Hypergradient:
+    """The registered method ``name`` with its options; bad options are a UserError naming them."""
+    cls = HYPERGRADS.get(name)
+    try:
+        return cls(**options)
+    except TypeError as err:
+        raise UserError(f"hypergradient {name}: bad options {options}: {err}") from None
