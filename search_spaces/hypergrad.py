@@ -161,15 +161,31 @@ class Implicit(Hypergradient):
         both = _grads(loss, [*alphas, *weights])
         direct, g_upper = both[: len(alphas)], both[len(alphas) :]
         g_lower = _grads(lower(), weights, create_graph=True)
+        live = [i for i, g in enumerate(g_lower) if g.requires_grad]  # weights f's gradient depends on
 
         def hvp(v: Sequence[Tensor]) -> list[Tensor]:
             """``d2f/dw2 v``, keeping ``g_lower``'s graph for the next product and the mixed term."""
-            products = torch.autograd.grad(g_lower, list(weights), grad_outputs=list(v), retain_graph=True)
-            return [h.detach() for h in products]
+            out = [torch.zeros_like(x) for x in v]
+            if live:
+                products = torch.autograd.grad(
+                    [g_lower[i] for i in live],
+                    list(weights),
+                    grad_outputs=[v[i] for i in live],
+                    retain_graph=True,
+                    allow_unused=True,
+                )
+                out = [
+                    torch.zeros_like(x) if h is None else h.detach() for x, h in zip(v, products, strict=True)
+                ]
+            return out
 
         solve = self._neumann if self.solver == "neumann" else self._cg
         p = solve(hvp, [g.detach() for g in g_upper])
-        mixed = _grads(_dot(g_lower, p), alphas)
+        mixed = (
+            _grads(_dot([g_lower[i] for i in live], [p[i] for i in live]), alphas)
+            if live
+            else [torch.zeros_like(a) for a in alphas]
+        )
         return [d - m for d, m in zip(direct, mixed, strict=True)]
 
     def _neumann(self, hvp, v: list[Tensor]) -> list[Tensor]:
