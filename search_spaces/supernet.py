@@ -131,6 +131,30 @@ def load_search_space(spec: str | Mapping[str, Any]) -> SearchSpace:
     return parse_search_space(OmegaConf.to_container(OmegaConf.load(path), resolve=True), str(path))
 
 
+def resize_search_space(
+    space: SearchSpace, width: int | None = None, cells: int | None = None
+) -> SearchSpace:
+    """The space with another feature ``width`` (the stem's hidden width scaled alike) and/or
+    ``cells`` stage-1 cells (the last cell repeated, or the list cut); ``None`` keeps it."""
+    template = copy.deepcopy(space.template)
+    if width is not None:
+        width = int(width)
+        if width < 1:
+            raise UserError(f"search space {space.name}: width must be >= 1, got {width}")
+        if template.get("stem_hidden"):
+            template["stem_hidden"] = max(1, round(template["stem_hidden"] * width / template["width"]))
+        template["width"] = width
+    if cells is not None:
+        cells = int(cells)
+        if cells < 1:
+            raise UserError(f"search space {space.name}: cells must be >= 1, got {cells}")
+        stage1 = template["stage1"]["cells"]
+        template["stage1"]["cells"] = (stage1 + [copy.deepcopy(stage1[-1]) for _ in range(cells)])[:cells]
+    resized = SearchSpace(space.name, space.candidates, template)
+    resized.genotype({})
+    return resized
+
+
 def _alpha_key(place: str, position: int) -> str:
     return f"{place.replace('.', '_')}__{position}"
 

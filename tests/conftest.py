@@ -28,3 +28,24 @@ def synthetic_ir_vis(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("synth_ir_vis")
     synthesize("ir_vis", out, n=6, seed=3, size=(64, 96))
     return out
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(tmp_path_factory):
+    """A local Ray cluster (4 logical CPUs) for one test module, its session files in a temp folder."""
+    import os
+
+    import ray
+
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+             _temp_dir=str(tmp_path_factory.mktemp("ray")))
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    """The test's working directory (runs/, outputs/ land here)."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path

@@ -224,3 +224,15 @@ def test_bad_search_settings_are_user_errors():
         SearchSettings.from_config({"alpha_lr": 0})
     with pytest.raises(UserError, match="unknown hypergradient method 'adjoint'"):
         BilevelSearch(Supernet(load_search_space("small")), _loss(), SearchSettings(hypergrad="adjoint"))
+
+
+def test_resizing_a_search_space_changes_width_and_cells():
+    from timfusion.search_spaces.supernet import resize_search_space
+
+    space = load_search_space("small")
+    resized = resize_search_space(space, width=12, cells=3)
+    genotype = resized.genotype({})
+    assert genotype.width == 12 and genotype.stem_hidden == 12 and len(genotype.stage1) == 3
+    assert len(resize_search_space(space, cells=1).positions()) == 2
+    with pytest.raises(UserError, match="cells must be >= 1"):
+        resize_search_space(space, cells=0)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 
@@ -15,23 +14,6 @@ QUICK = [
     "data=synthetic", "data.synthetic.n=8", "data.synthetic.size=[64,64]", "genotype=tim_light",
     "train.crop=48", "train.batch_size=2", "train.log_every=1", "train.warmup_steps=1", "guidance.warmup_steps=1",
 ]
-
-
-@pytest.fixture(scope="module")
-def ray_cluster(tmp_path_factory):
-    import ray
-
-    os.environ["RAY_AUTH_MODE"] = "disabled"
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
-             _temp_dir=str(tmp_path_factory.mktemp("ray")))
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture
-def workdir(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
 
 
 def run_train(*overrides: str) -> dict:

@@ -1,0 +1,359 @@
+"""``timfusion search``: implicit architecture search trials on Ray Tune, sampled by Optuna.
+
+Each trial is :func:`timfusion.platform.searching.search_trial`; Optuna (TPE, or NSGA-II
+with ``tune.multi_objective=true``) samples the hyperparameters listed in ``tune.space``,
+ASHA stops weak trials on ``score`` (scalar mode). After the trials the chosen genotype
+(the best score; in multi-objective mode the best score on the Pareto front of
+validation loss vs MACs) is written as JSON, logged to the search's MLflow run, and
+retrained with ``timfusion train`` as a child run of the search.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from timfusion.platform.config import compose, to_container
+from timfusion.platform.errors import UserError
+from timfusion.platform.jobs import command
+from timfusion.platform.jobs.common import task_from
+from timfusion.platform.jobs.train import init_ray, storage_root, train, training_records
+from timfusion.platform.report import markdown_table
+from timfusion.platform.tracking import Tracker, tracking_uri
+from timfusion.platform.training import read_run_info, write_run_info
+from timfusion.tasks.datasets import fingerprint
+from timfusion.tasks.imageio import atomic_write_bytes, atomic_write_text
+
+SPACE_EXTRA = ("width", "cells")  # sampled keys besides SearchSettings fields and loss.<term>
+COLUMNS = ["trial", "score", "val_loss", "macs", "steps", "stopped_early", "hypergrad", "params"]
+
+
+def _domain(name: str, spec: Any):
+    from ray import tune
+
+    if not isinstance(spec, dict) or "type" not in spec:
+        raise UserError(f"tune.space.{name}: expected {{type: categorical|float|int, ...}}, got {spec!r}")
+    kind = spec["type"]
+    try:
+        if kind == "categorical":
+            choices = list(spec["choices"])
+            if not choices:
+                raise UserError(f"tune.space.{name}: choices must not be empty")
+            return tune.choice(choices)
+        low, high = spec["low"], spec["high"]
+        if not low <= high:
+            raise UserError(f"tune.space.{name}: low {low} must be <= high {high}")
+        if kind == "float":
+            return tune.loguniform(low, high) if spec.get("log") else tune.uniform(low, high)
+        if kind == "int":
+            return tune.lograndint(low, high + 1) if spec.get("log") else tune.randint(low, high + 1)
+    except KeyError as err:
+        raise UserError(f"tune.space.{name}: missing key {err.args[0]!r}") from None
+    raise UserError(f"tune.space.{name}: type must be categorical, float or int, got {kind!r}")
+
+
+def param_space(cfg: DictConfig, task_loss: dict[str, Any]) -> dict[str, Any]:
+    """Tune domains for ``tune.space``; an unknown key is a UserError listing the valid ones."""
+    from timfusion.search_spaces.bilevel import SearchSettings
+
+    space = to_container(cfg.tune.space) or {}
+    valid = sorted([*SearchSettings.__dataclass_fields__, *SPACE_EXTRA, *(f"loss.{t}" for t in task_loss)])
+    domains = {}
+    for name, spec in space.items():
+        if name not in valid:
+            raise UserError(f"tune.space: unknown parameter {name!r}; valid: {', '.join(valid)}")
+        domains[name] = _domain(name, spec)
+    if not domains:
+        raise UserError("tune.space: give at least one parameter to sample")
+    return domains
+
+
+def pareto_front(
+    rows: list[dict[str, Any]], keys: tuple[str, str] = ("val_loss", "macs")
+) -> list[dict[str, Any]]:
+    """The rows no other row beats on both ``keys`` (both minimised), sorted by the first."""
+    front = []
+    for row in rows:
+        dominated = any(
+            all(other[k] <= row[k] for k in keys) and any(other[k] < row[k] for k in keys)
+            for other in rows
+            if other is not row
+        )
+        if not dominated:
+            front.append(row)
+    return sorted(front, key=lambda r: r[keys[0]])
+
+
+def _pareto_png(rows: list[dict[str, Any]], front: list[dict[str, Any]]) -> bytes:
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.scatter([r["macs"] / 1e6 for r in rows], [r["val_loss"] for r in rows], c="0.6", label="trials")
+    ax.plot(
+        [r["macs"] / 1e6 for r in front], [r["val_loss"] for r in front], "o-", c="C3", label="Pareto front"
+    )
+    ax.set_xlabel("MMACs of the derived genotype")
+    ax.set_ylabel("validation loss")
+    ax.legend()
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def _trainable(params: dict[str, Any], base: dict[str, Any] | None = None) -> None:
+    from timfusion.platform.searching import search_trial
+
+    search_trial({**(base or {}), "params": params})
+
+
+@command(
+    "search", config="search", summary="implicit architecture search on Ray Tune + Optuna, then retraining"
+)
+def search(cfg: DictConfig) -> dict[str, Any]:
+    from timfusion.platform.searching import trial_settings, trial_space
+    from timfusion.search_spaces.genotype import Genotype
+    from timfusion.search_spaces.network import FusionNetwork
+    from timfusion.search_spaces.supernet import Supernet
+
+    task = task_from(cfg)
+    if int(cfg.trials) < 1 or int(cfg.steps) < 1 or int(cfg.report_every) < 1:
+        raise UserError("trials, steps and report_every must be >= 1")
+    if cfg.cluster.backend != "ray":
+        raise UserError(
+            f"cluster={cfg.cluster.name}: search runs its trials on Ray Tune; use a Ray cluster config"
+        )
+    domains = param_space(cfg, task.loss_weights)
+    base_check = {
+        "search_space": to_container(cfg.search_space),
+        "search": to_container(cfg.search),
+        "params": {},
+    }
+    Supernet(trial_space(base_check))  # an unknown space, op or bad template fails before Ray starts
+    trial_settings(base_check)
+    storage = storage_root(cfg.cluster)
+    name = cfg.name or f"{task.name}-search-{time.strftime('%Y%m%d-%H%M%S')}"
+    workdir = Path(str(cfg.workdir)).resolve()
+    run_dir = workdir / name
+    info = read_run_info(run_dir)
+    if cfg.resume and info is None:
+        raise UserError(f"resume=true: no search {name!r} under {workdir} to resume (pass its name=)")
+    if not cfg.resume and info is not None:
+        raise UserError(
+            f"name={name}: a search of that name exists under {workdir}; pass resume=true or another name"
+        )
+    train_records, val_records = training_records(cfg, task, workdir)
+    resolved = to_container(cfg)
+    uri = tracking_uri(cfg.tracking.uri)
+    if info is not None:
+        tracker = Tracker(info["tracking_uri"], info["mlflow_run_id"])
+    else:
+        tags = {
+            "job": "search",
+            "task": task.name,
+            "search_space": str(cfg.search_space.name),
+            "dataset_fingerprint": fingerprint(train_records + val_records),
+        }
+        tracker = Tracker.start({**resolved["tracking"], "uri": uri}, name, tags)
+        tracker.log_config(resolved)
+        tracker.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config/config.yaml")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_run_info(run_dir, {"mlflow_run_id": tracker.run_id, "tracking_uri": tracker.uri, "name": name})
+    base = {
+        "search_space": resolved["search_space"],
+        "search": resolved["search"],
+        "task": resolved["task"],
+        "steps": int(cfg.steps),
+        "report_every": int(cfg.report_every),
+        "crop": int(cfg.crop),
+        "batch_size": int(cfg.batch_size),
+        "seed": int(cfg.seed),
+        "head_width": int(cfg.head_width),
+        "cost_penalty": float(cfg.tune.cost_penalty),
+        "threads_per_trial": max(1, int(cfg.cluster.trial_cpus)),
+        "train_records": [dataclasses.asdict(r) for r in train_records],
+        "val_records": [dataclasses.asdict(r) for r in val_records],
+        "tracking": resolved["tracking"],
+        "tracking_uri": tracker.uri,
+        "mlflow_run_id": tracker.run_id,
+    }
+    print(
+        f"searching {cfg.search_space.name} for {task.name}: {int(cfg.trials)} trial(s) of "
+        f"{int(cfg.steps)} steps, "
+        f"{len(train_records)} train / {len(val_records)} val pairs, search {name} (MLflow {tracker.run_id})"
+    )
+    try:
+        grid = _run_tuner(cfg, base, domains, name, storage)
+        rows = _rows(grid, tracker.uri, int(cfg.steps))
+        chosen, front = _choose(rows, bool(cfg.tune.multi_objective))
+        _write_results(cfg, run_dir, tracker, rows, chosen, front)
+    except BaseException:
+        tracker.finish("FAILED")
+        raise
+    genotype_path = run_dir / "genotype.json"
+    atomic_write_text(genotype_path, chosen["genotype"])
+    tracker.log_artifact(genotype_path, "genotype")
+    FusionNetwork(Genotype.from_dict(json.loads(chosen["genotype"]), source=str(genotype_path)))
+    result: dict[str, Any] = {
+        "run_id": tracker.run_id,
+        "name": name,
+        "rows": rows,
+        "chosen": chosen,
+        "tracking_uri": tracker.uri,
+        "genotype_path": str(genotype_path),
+        "front": front,
+    }
+    if cfg.retrain.enabled:
+        retrain_cfg = compose("train", [*cfg.retrain.overrides])
+        for key in ("task", "data", "cluster", "paths", "tracking"):
+            OmegaConf.update(retrain_cfg, key, cfg[key], merge=False)
+        retrain_cfg.genotype = str(genotype_path)
+        retrain_cfg.parent_run_id = tracker.run_id
+        retrain_cfg.name = f"{name}-retrain" + (f"-{int(time.time())}" if cfg.resume else "")
+        retrain_cfg.workdir = str(workdir / "train")
+        trained = train(retrain_cfg)
+        tracker.set_tags({"retrain_run_id": trained["run_id"]})
+        result["retrain"] = trained
+    tracker.finish()
+    print(
+        f"search done: chosen {chosen['trial']} (score {chosen['score']:.4f}, "
+        f"{chosen['macs'] / 1e6:.1f} MMACs); "
+        f"genotype {genotype_path}; MLflow run {tracker.run_id}"
+    )
+    return result
+
+
+def _run_tuner(cfg: DictConfig, base: dict[str, Any], domains: dict[str, Any], name: str, storage: str):
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    init_ray(cfg.cluster)
+    trainable = tune.with_resources(
+        tune.with_parameters(_trainable, base=base),
+        {"cpu": max(0.01, float(cfg.cluster.trial_cpus)), "gpu": float(cfg.cluster.trial_gpus)},
+    )
+    path = f"{storage.rstrip('/')}/{name}"
+    if cfg.resume and tune.Tuner.can_restore(path):
+        tuner = tune.Tuner.restore(
+            path, trainable=trainable, param_space=domains, resume_unfinished=True, resume_errored=True
+        )
+        return tuner.fit()
+    import optuna
+
+    seed = int(cfg.seed)
+    if cfg.tune.multi_objective:
+        searcher = OptunaSearch(
+            metric=["val_loss", "macs"], mode=["min", "min"], sampler=optuna.samplers.NSGAIISampler(seed=seed)
+        )
+        scheduler, metric, mode = None, None, None
+    else:
+        searcher = OptunaSearch(metric="score", mode="min", sampler=optuna.samplers.TPESampler(seed=seed))
+        asha = cfg.tune.asha
+        scheduler = (
+            ASHAScheduler(
+                time_attr="training_iteration",
+                max_t=max(1, -(-int(cfg.steps) // int(cfg.report_every))),
+                grace_period=int(asha.grace_period),
+                reduction_factor=float(asha.reduction_factor),
+            )
+            if asha.enabled
+            else None
+        )
+        metric, mode = "score", "min"
+    tuner = tune.Tuner(
+        trainable,
+        param_space=domains,
+        tune_config=tune.TuneConfig(
+            metric=metric,
+            mode=mode,
+            search_alg=searcher,
+            scheduler=scheduler,
+            num_samples=int(cfg.trials),
+            max_concurrent_trials=int(cfg.cluster.max_concurrent_trials),
+            reuse_actors=True,
+        ),
+        run_config=tune.RunConfig(
+            name=name, storage_path=storage, checkpoint_config=tune.CheckpointConfig(num_to_keep=1)
+        ),
+    )
+    return tuner.fit()
+
+
+def _rows(grid, uri: str, steps: int) -> list[dict[str, Any]]:
+    rows = []
+    for result in grid:
+        if result.error is not None:
+            raise RuntimeError(f"search trial {result.path} failed: {result.error}")
+        metrics = result.metrics or {}
+        if "genotype" not in metrics:
+            continue
+        stopped = int(metrics["step"]) < steps
+        if stopped:  # ASHA stopped it: close its MLflow run with the state it reached
+            child = Tracker(uri, metrics["mlflow_run_id"])
+            child.set_tags({"stopped_early": True})
+            child.log_text(metrics["genotype"], "genotype/genotype.json")
+            child.finish("KILLED")
+        rows.append(
+            {
+                "trial": metrics.get("trial_id", Path(result.path).name),
+                "score": float(metrics["score"]),
+                "val_loss": float(metrics["val_loss"]),
+                "macs": float(metrics["macs"]),
+                "steps": int(metrics["step"]),
+                "stopped_early": stopped,
+                "hypergrad": result.config.get("hypergrad", ""),
+                "params": json.dumps(result.config, sort_keys=True),
+                "genotype": metrics["genotype"],
+                "mlflow_run_id": metrics["mlflow_run_id"],
+            }
+        )
+    if not rows:
+        raise RuntimeError("no search trial reported a result")
+    return sorted(rows, key=lambda r: r["score"])
+
+
+def _choose(rows: list[dict[str, Any]], multi: bool) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The best score among the trials that ran to the end (or all, if ASHA stopped every one);
+    in multi-objective mode, among the Pareto front's points."""
+    front = pareto_front(rows)
+    pool = front if multi else ([r for r in rows if not r["stopped_early"]] or rows)
+    return min(pool, key=lambda r: r["score"]), front
+
+
+def _write_results(cfg, run_dir: Path, tracker: Tracker, rows, chosen, front) -> None:
+    table = markdown_table(rows, COLUMNS)
+    atomic_write_text(run_dir / "trials.md", table)
+    atomic_write_text(run_dir / "trials.json", json.dumps(rows, indent=1))
+    tracker.log_text(table, "search/trials.md")
+    tracker.log_text(json.dumps(rows, indent=1), "search/trials.json")
+    tracker.log_metrics(
+        {
+            "best_score": chosen["score"],
+            "best_val_loss": chosen["val_loss"],
+            "best_macs": chosen["macs"],
+            "trials": len(rows),
+            "stopped_early": sum(r["stopped_early"] for r in rows),
+        },
+        step=0,
+    )
+    tracker.set_tags({"chosen_trial": chosen["trial"], "chosen_trial_run_id": chosen["mlflow_run_id"]})
+    if cfg.tune.multi_objective:
+        front_table = markdown_table(front, COLUMNS)
+        atomic_write_text(run_dir / "pareto.md", front_table)
+        png = _pareto_png(rows, front)
+        atomic_write_bytes(run_dir / "pareto.png", png)
+        tracker.log_text(front_table, "search/pareto.md")
+        tracker.log_bytes(png, "search/pareto.png")
+    print(table)

@@ -1,0 +1,169 @@
+"""One architecture-search trial: a bilevel implicit search run, as a Ray Tune function trainable.
+
+A trial gets the job's plain-data config plus the hyperparameters Optuna sampled for it
+(``config["params"]``: keys of ``search.*``, ``width``, ``cells``, ``loss.<term>``), builds
+the supernet of the (overridden) search space, and runs
+:class:`~timfusion.search_spaces.bilevel.BilevelSearch` on patches of the training split
+(lower level) and of the validation split (upper level). Every ``report_every`` steps it
+reports ``score`` (the validation objective plus ``tune.cost_penalty`` x the normalised
+expected MACs, so trials with different lambdas compare on one scale), ``val_loss``,
+``cost`` and ``macs`` (of the genotype derived at that point) with a checkpoint, so ASHA
+can stop it and a restored search continues it. Each trial is an MLflow run, child of the
+search's run: its hyperparameters, metrics, alpha heatmap and derived genotype.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from timfusion.tasks import build_task
+from timfusion.tasks.datasets import PairedDataset, PairRecord
+
+TRIAL_STATE = "search_state.pt"
+
+
+def trial_space(config: dict[str, Any]):
+    """The search space of a trial: the configured one with the sampled width and cell count."""
+    from timfusion.search_spaces.supernet import load_search_space, resize_search_space
+
+    params = config.get("params") or {}
+    space = load_search_space(config["search_space"])
+    return resize_search_space(space, width=params.get("width"), cells=params.get("cells"))
+
+
+def trial_settings(config: dict[str, Any]):
+    """The :class:`SearchSettings` of a trial: the job's ``search`` block updated by the samples."""
+    from timfusion.search_spaces.bilevel import SearchSettings
+
+    params = config.get("params") or {}
+    values = dict(config["search"])
+    values.update({k: v for k, v in params.items() if k in SearchSettings.__dataclass_fields__})
+    return SearchSettings.from_config(values)
+
+
+def trial_task_config(config: dict[str, Any]) -> dict[str, Any]:
+    task = json.loads(json.dumps(config["task"]))
+    for key, value in (config.get("params") or {}).items():
+        if key.startswith("loss."):
+            task.setdefault("loss", {})[key.split(".", 1)[1]] = float(value)
+    return task
+
+
+def _loader(records: list[PairRecord], config: dict[str, Any], labels: bool, num_classes: int, seed: int):
+    dataset = PairedDataset(
+        records, crop=int(config["crop"]), seed=seed, labels=labels, num_classes=num_classes, cache=True
+    )
+    batch = min(int(config["batch_size"]), len(dataset))
+    loader = DataLoader(
+        dataset, batch_size=batch, shuffle=True, drop_last=True, generator=torch.Generator().manual_seed(seed)
+    )
+    epoch = 0
+    while True:
+        dataset.set_epoch(epoch)
+        yield from loader
+        epoch += 1
+
+
+def _metric_name(key: str) -> str:
+    """``loss/val`` -> ``val_loss``: flat names for Tune's metric columns."""
+    kind, _, name = key.partition("/")
+    return f"{name}_{kind}" if name else kind
+
+
+def search_trial(config: dict[str, Any]) -> None:
+    """The Tune function trainable (see the module docstring)."""
+    import ray.tune
+
+    from timfusion.platform.tracking import Tracker
+    from timfusion.search_spaces.bilevel import BilevelSearch, alpha_heatmap
+    from timfusion.search_spaces.network import FusionNetwork, count_macs
+    from timfusion.search_spaces.supernet import CostTable, Supernet
+    from timfusion.tasks.heads import SegmentationHead
+
+    torch.set_num_threads(max(1, int(config.get("threads_per_trial", 1))))
+    seed = int(config["seed"])
+    torch.manual_seed(seed)
+    task = build_task(trial_task_config(config))
+    space = trial_space(config)
+    settings = trial_settings(config)
+    supernet = Supernet(space, seed=seed)
+    guided = settings.guidance_weight > 0
+    head = SegmentationHead(len(task.classes), width=int(config["head_width"])) if guided else None
+    search = BilevelSearch(supernet, task.build_loss(), settings, head=head)
+    macs_table = CostTable(supernet, "macs", tuple(settings.cost_size))
+    macs_max = float(sum(c.max() for c in macs_table.costs.values()))
+
+    checkpoint = ray.tune.get_checkpoint()
+    info: dict[str, Any] = {}
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            state = torch.load(Path(folder) / TRIAL_STATE, weights_only=False)
+            search.load_state_dict(state["search"])
+            info = state["info"]
+    if info.get("mlflow_run_id"):
+        tracker = Tracker(config["tracking_uri"], info["mlflow_run_id"])
+    else:
+        trial = ray.tune.get_context().get_trial_name() or "trial"
+        tracker = Tracker.start(
+            {**config["tracking"], "uri": config["tracking_uri"]},
+            trial,
+            {
+                "job": "search-trial",
+                "task": task.name,
+                "search_space": space.name,
+                "hypergrad": settings.hypergrad,
+            },
+            config["mlflow_run_id"],
+        )
+        tracker.log_config({"params": config.get("params") or {}, "search": vars(settings)})
+        info = {"mlflow_run_id": tracker.run_id}
+
+    classes = len(task.classes)
+    train_records = [PairRecord(**r) for r in config["train_records"]]
+    val_records = [PairRecord(**r) for r in config["val_records"]]
+    train_batches = _loader(train_records, config, guided, classes, seed)
+    val_batches = _loader(val_records, config, guided, classes, seed + 1)
+    positions = [f"{place}:{pos}" for place, pos in space.positions()]
+    steps, every = int(config["steps"]), int(config["report_every"])
+    penalty = float(config["cost_penalty"])
+    started = time.perf_counter()
+    window: dict[str, list[float]] = {}
+    while search.step_count < steps:
+        logged = search.step(next(train_batches), next(val_batches))
+        for key, value in logged.items():
+            window.setdefault(key, []).append(value)
+        if search.step_count % every and search.step_count < steps:
+            continue
+        metrics = {_metric_name(k): float(np.mean(v)) for k, v in window.items()}
+        window.clear()
+        expected_macs = float(supernet.expected_cost(macs_table).detach()) / macs_max
+        genotype = supernet.derive(max_skips=settings.max_skips, name=f"{space.name}-trial")
+        macs = count_macs(FusionNetwork(genotype), *settings.cost_size, full=False)
+        metrics.update(
+            score=metrics["val_loss"] + penalty * expected_macs,
+            expected_macs=expected_macs,
+            macs=float(macs),
+            step=search.step_count,
+            seconds=time.perf_counter() - started,
+        )
+        tracker.log_metrics(metrics, step=search.step_count)
+        done = search.step_count >= steps
+        if done:
+            tracker.log_text(genotype.to_json(), "genotype/genotype.json")
+            tracker.log_bytes(alpha_heatmap(search.history, space.candidates, positions), "search/alphas.png")
+            tracker.log_text(json.dumps(search.supernet.alpha_matrix().tolist()), "search/alphas.json")
+            tracker.finish()
+        with tempfile.TemporaryDirectory() as folder:
+            torch.save({"search": search.state_dict(), "info": info}, Path(folder) / TRIAL_STATE)
+            ray.tune.report(
+                {**metrics, "genotype": genotype.to_json(), "mlflow_run_id": tracker.run_id},
+                checkpoint=ray.tune.Checkpoint.from_directory(folder),
+            )

@@ -1,0 +1,122 @@
+"""`timfusion search` on a real local Ray cluster: Tune, Optuna, ASHA, MLflow child runs, retraining."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from timfusion.platform.config import compose
+from timfusion.platform.errors import UserError
+from timfusion.platform.jobs.search import pareto_front, search
+from timfusion.search_spaces.genotype import load_genotype
+from timfusion.search_spaces.network import FusionNetwork
+
+QUICK = [
+    "data=synthetic",
+    "data.synthetic.n=8",
+    "data.synthetic.size=[48,48]",
+    "crop=32",
+    "batch_size=2",
+    "search.cost_size=[32,32]",
+    "search.warmup_steps=1",
+    'retrain.overrides=["train.steps=3","train.crop=32","guidance.weight=0","cluster.num_workers=1"]',
+]
+
+
+def run_search(*overrides: str) -> dict:
+    return search(compose("search", [*QUICK, *overrides]))
+
+
+def _children(result: dict) -> list:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(result["tracking_uri"])
+    experiment = client.get_run(result["run_id"]).info.experiment_id
+    return client.search_runs([experiment], f"tags.mlflow.parentRunId = '{result['run_id']}'")
+
+
+def test_four_trials_two_at_a_time_log_a_child_run_each_and_retrain(ray_cluster, workdir):
+    result = run_search(
+        "trials=4",
+        "steps=4",
+        "report_every=2",
+        "cluster.max_concurrent_trials=2",
+        "tune.asha.enabled=false",
+        "name=four",
+    )
+    assert len(result["rows"]) == 4 and len({r["trial"] for r in result["rows"]}) == 4
+    children = _children(result)
+    trials = [r for r in children if r.data.tags.get("job") == "search-trial"]
+    retrains = [r for r in children if r.data.tags.get("job") == "train"]
+    assert len(trials) == 4 and len(retrains) == 1
+    for run in trials:
+        assert run.info.status == "FINISHED"
+        assert {"score", "val_loss", "macs"} <= set(run.data.metrics)
+        assert any(k.startswith("params.") for k in run.data.params)
+    genotype = load_genotype(result["genotype_path"])
+    FusionNetwork(genotype)
+    assert json.loads(result["chosen"]["genotype"])["stage1"] == json.loads(genotype.to_json())["stage1"]
+    assert (workdir / "outputs" / "search" / "four" / "trials.md").exists()
+
+
+def test_asha_stops_a_trial_that_scores_far_worse(ray_cluster, workdir):
+    """An intensity-loss weight of 10 vs 0: those trials score far worse from the first rung."""
+    result = run_search(
+        "trials=4",
+        "steps=9",
+        "report_every=3",
+        "cluster.max_concurrent_trials=1",
+        "~tune.space",
+        "+tune.space={loss.intensity: {type: categorical, choices: [0.0, 10.0]}}",
+        "tune.asha.grace_period=1",
+        "tune.asha.reduction_factor=2",
+        "retrain.enabled=false",
+        "name=asha",
+    )
+    stopped = [r for r in result["rows"] if r["stopped_early"]]
+    assert stopped and all(r["steps"] < 9 for r in stopped)
+    killed = [r for r in _children(result) if r.data.tags.get("stopped_early") == "True"]
+    assert len(killed) == len(stopped) and all(r.info.status == "KILLED" for r in killed)
+    assert not result["chosen"]["stopped_early"]
+
+
+def test_multi_objective_search_writes_a_pareto_front(ray_cluster, workdir):
+    result = run_search(
+        "trials=3",
+        "steps=2",
+        "report_every=2",
+        "tune.multi_objective=true",
+        "retrain.enabled=false",
+        "name=pareto",
+    )
+    folder = workdir / "outputs" / "search" / "pareto"
+    assert (folder / "pareto.md").exists() and (folder / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+    assert result["chosen"] in result["front"]
+
+
+def test_pareto_front_keeps_the_undominated_points():
+    rows = [
+        {"val_loss": 1.0, "macs": 5.0},
+        {"val_loss": 2.0, "macs": 1.0},
+        {"val_loss": 2.0, "macs": 6.0},
+        {"val_loss": 0.5, "macs": 9.0},
+    ]
+    assert pareto_front(rows) == [rows[3], rows[0], rows[1]]
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (["+tune.space.depth={type: int, low: 1, high: 3}"], "tune.space: unknown parameter 'depth'"),
+        (["tune.space.alpha_lr={type: float, low: 1.0, high: 0.1}"], "low 1.0 must be <= high 0.1"),
+        (["tune.space.alpha_lr={type: beta}"], "type must be categorical, float or int"),
+        (["search_space=nowhere"], "search_space=nowhere: unknown value; valid choices: small, tim"),
+        (["search.alpha_lr=0"], "search.alpha_lr must be > 0"),
+        (["cluster=none"], "search runs its trials on Ray Tune"),
+        (["trials=0"], "trials, steps and report_every must be >= 1"),
+    ],
+)
+def test_bad_search_configs_fail_before_ray_starts(workdir, overrides, expected):
+    with pytest.raises(UserError, match=expected):
+        run_search(*overrides)
