@@ -120,3 +120,55 @@ def test_pareto_front_keeps_the_undominated_points():
 def test_bad_search_configs_fail_before_ray_starts(workdir, overrides, expected):
     with pytest.raises(UserError, match=expected):
         run_search(*overrides)
+
+
+def test_an_interrupted_search_resumes_and_runs_every_trial_once(ray_cluster, workdir):
+    """Ctrl-C (SIGINT) after the first trial finished; resume=true keeps it and runs the rest."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    overrides = [
+        *QUICK,
+        "trials=3",
+        "steps=8",
+        "report_every=2",
+        "cluster.max_concurrent_trials=1",
+        "tune.asha.enabled=false",
+        "retrain.enabled=false",
+        "name=cut",
+        "cluster.num_cpus=2",
+    ]
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "MLFLOW_DISABLE_TELEMETRY": "true"}
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "timfusion.platform.cli", "search", *overrides],
+        cwd=workdir,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    experiment = workdir / "runs" / "ray" / "cut"
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline and driver.poll() is None:
+            finished = [p for p in experiment.glob("*/result.json") if '"step": 8' in p.read_text()]
+            if finished:
+                break
+            time.sleep(0.5)
+        assert driver.poll() is None, driver.stdout.read().decode()[-3000:]
+        driver.send_signal(signal.SIGINT)
+        output = driver.communicate(timeout=120)[0].decode()
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    assert driver.returncode != 0 and "interrupted" in output, output[-3000:]
+
+    result = run_search(*overrides[len(QUICK) : -1], "resume=true")
+    rows = result["rows"]
+    assert len(rows) == 3 and len({r["trial"] for r in rows}) == 3
+    assert all(r["steps"] == 8 and not r["stopped_early"] for r in rows)
+    trials = [r for r in _children(result) if r.data.tags.get("job") == "search-trial"]
+    assert len({r.info.run_id for r in trials}) == len(trials)
+    assert sorted(r.data.metrics["step"] for r in trials if r.info.status == "FINISHED") == [8, 8, 8]

@@ -29,6 +29,12 @@ from timfusion.platform.training import read_run_info, write_run_info
 from timfusion.tasks.datasets import fingerprint
 from timfusion.tasks.imageio import atomic_write_bytes, atomic_write_text
 
+class SearchInterrupted(UserError):
+    """The trials stopped before all finished (Ctrl-C, a lost driver): resume=true continues."""
+
+    exit_code = 130
+
+
 SPACE_EXTRA = ("width", "cells")  # sampled keys besides SearchSettings fields and loss.<term>
 COLUMNS = ["trial", "score", "val_loss", "macs", "steps", "stopped_early", "hypergrad", "params"]
 
@@ -195,9 +201,16 @@ def search(cfg: DictConfig) -> dict[str, Any]:
     )
     try:
         grid = _run_tuner(cfg, base, domains, name, storage)
+        if grid.num_errors == 0 and grid.num_terminated < int(cfg.trials):
+            raise SearchInterrupted(
+                f"search {name} interrupted: {grid.num_terminated} of {int(cfg.trials)} trials finished; "
+                f"continue it with resume=true name={name}"
+            )
         rows = _rows(grid, tracker.uri, int(cfg.steps))
         chosen, front = _choose(rows, bool(cfg.tune.multi_objective))
         _write_results(cfg, run_dir, tracker, rows, chosen, front)
+    except (SearchInterrupted, KeyboardInterrupt):
+        raise  # the search run stays open for resume=true
     except BaseException:
         tracker.finish("FAILED")
         raise
