@@ -93,8 +93,11 @@ class BilevelSearch:
         )
         options = {"weight_lr": settings.weight_lr, **settings.hypergrad_options}
         self.hypergrad = build_hypergrad(settings.hypergrad, **options)
+        device = next(supernet.parameters()).device
         self.costs = (
-            CostTable(supernet, settings.cost, settings.cost_size) if settings.cost_weight > 0 else None
+            CostTable(supernet, settings.cost, settings.cost_size, device)
+            if settings.cost_weight > 0
+            else None
         )
         self.cost_max = float(sum(c.max() for c in self.costs.costs.values())) if self.costs else 1.0
         self.step_count = 0

@@ -19,6 +19,9 @@ from __future__ import annotations
 
 import copy
 import functools
+import json
+import os
+import platform as platform_module
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -173,19 +176,66 @@ class MixedOp(nn.Module):
         return sum(w[k] * op(x) for k, op in enumerate(self.ops))
 
 
+def latency_cache_path(device: torch.device) -> Path:
+    """Where measured op latencies of ``device`` are kept (``$TIMFUSION_CACHE`` or ~/.cache/timfusion)."""
+    root = Path(os.environ.get("TIMFUSION_CACHE", Path.home() / ".cache" / "timfusion"))
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = f"cpu-{platform_module.machine()}-{torch.get_num_threads()}threads"
+    return root / "latency" / ("".join(c if c.isalnum() or c in "-_." else "_" for c in name) + ".json")
+
+
+def measure_latency(
+    op: nn.Module, channels: int, height: int, width: int, device: torch.device, repeats: int = 5
+) -> float:
+    """Median seconds of one eval-mode, no-grad forward of ``op`` on a (1, C, H, W) input."""
+    import time
+
+    op = copy.deepcopy(op).to(device).eval()
+    x = torch.rand(1, channels, height, width, device=device)
+    times = []
+    with torch.no_grad():
+        op(x)
+        for _ in range(repeats):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            op(x)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times.append(time.perf_counter() - start)
+    return float(sorted(times)[len(times) // 2])
+
+
 class CostTable:
-    """Cost of each candidate op at each op slot: ``params`` or ``macs`` at an input size.
+    """Cost of each candidate op at each op slot: ``params``, ``macs`` or ``latency`` at an input size.
 
     ``costs[key]`` is a vector over the candidates, summed over the position's slots (a
     multi-scale cell's three scales); computed once per search space and input size.
+    ``latency`` is measured on ``device`` (median of 5 runs per op, channels and size) and
+    cached per device in :func:`latency_cache_path`, so a cluster's trials measure once.
     """
 
-    KINDS = ("params", "macs")
+    KINDS = ("params", "macs", "latency")
 
-    def __init__(self, supernet: Supernet, kind: str = "params", size: tuple[int, int] = (256, 256)) -> None:
+    def __init__(
+        self,
+        supernet: Supernet,
+        kind: str = "params",
+        size: tuple[int, int] = (256, 256),
+        device: torch.device | str = "cpu",
+    ) -> None:
         if kind not in self.KINDS:
             raise UserError(f"unknown cost {kind!r}; known: {', '.join(self.KINDS)}")
-        self.kind, self.size = kind, size
+        self.kind, self.size, self.device = kind, size, torch.device(device)
+        self._cache_path = latency_cache_path(self.device) if kind == "latency" else None
+        self._cache: dict[str, float] = {}
+        if self._cache_path is not None and self._cache_path.exists():
+            try:
+                self._cache = json.loads(self._cache_path.read_text())
+            except (OSError, ValueError):
+                self._cache = {}  # an unreadable cache is measured again and rewritten
         self.costs: dict[str, Tensor] = {}
         for place, slot, op in supernet.network.op_slots():
             key = _alpha_key(place, slot.position)
@@ -194,11 +244,21 @@ class CostTable:
                 dtype=torch.float64,
             )
             self.costs[key] = self.costs.get(key, torch.zeros_like(vec)) + vec
+        if self._cache_path is not None:
+            from timfusion.tasks.imageio import atomic_write_text
+
+            self._cache_path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self._cache_path, json.dumps(self._cache, indent=0, sort_keys=True))
 
     def _cost(self, name: str, op: nn.Module, slot) -> float:
         if self.kind == "params":
             return float(sum(p.numel() for p in op.parameters()))
         h, w = (max(1, s // slot.scale) for s in self.size)
+        if self.kind == "latency":
+            entry = f"{name}:{slot.channels}:{h}x{w}"
+            if entry not in self._cache:
+                self._cache[entry] = measure_latency(op, slot.channels, h, w, self.device)
+            return self._cache[entry]
         x = torch.zeros(1, slot.channels, h, w)
         return float(sum(mac_profile(op, h, w, inputs=(x,), full=False).values()))
 

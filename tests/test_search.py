@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -236,3 +238,25 @@ def test_resizing_a_search_space_changes_width_and_cells():
     assert len(resize_search_space(space, cells=1).positions()) == 2
     with pytest.raises(UserError, match="cells must be >= 1"):
         resize_search_space(space, cells=0)
+
+
+def test_latency_costs_are_measured_once_per_device_and_cached(tmp_path, monkeypatch):
+    import timfusion.search_spaces.supernet as supernet_module
+
+    monkeypatch.setenv("TIMFUSION_CACHE", str(tmp_path))
+    supernet = Supernet(load_search_space("small"))
+    table = CostTable(supernet, "latency", (32, 32))
+    skip = supernet.space.candidates.index("skip")
+    conv = supernet.space.candidates.index("conv_3x3")
+    for costs in table.costs.values():
+        assert (costs > 0).all() and costs[conv] > costs[skip]
+    cache = supernet_module.latency_cache_path(torch.device("cpu"))
+    assert cache.parent.parent == tmp_path and len(json.loads(cache.read_text())) == 4
+
+    def no_measuring(*args, **kwargs):
+        raise AssertionError("a cached latency was measured again")
+
+    monkeypatch.setattr(supernet_module, "measure_latency", no_measuring)
+    again = CostTable(supernet, "latency", (32, 32))
+    for key in table.costs:
+        torch.testing.assert_close(again.costs[key], table.costs[key])

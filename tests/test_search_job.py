@@ -13,6 +13,7 @@ from timfusion.search_spaces.genotype import load_genotype
 from timfusion.search_spaces.network import FusionNetwork
 
 QUICK = [
+    "search_space=small",
     "data=synthetic",
     "data.synthetic.n=8",
     "data.synthetic.size=[48,48]",
