@@ -99,9 +99,12 @@ def test_main_job_trains_fuses_and_ranks_the_network_beside_the_baselines(ray_cl
     result = run(compose("run", [
         f"workdir={workdir / 'main'}", "n=3", "size=[64,80]", "baselines=[average,gff]", "metrics=[EN,MI,Qabf]",
         "train.steps=3", "train.n=6", "train.size=[64,64]", "train.workers=1", "train.time_budget_s=120",
+        "search.steps=4",
     ]))
     ranks = (workdir / "main" / "evaluate" / "ranks.md").read_text()
     assert "timfusion_compact" in ranks and "gff" in ranks and "average" in ranks
+    assert "timfusion_searched" in ranks and len(result["search"]["rows"]) == 2
+    assert (workdir / "main" / "search" / result["search"]["name"] / "genotype.json").exists()
     assert len(list((workdir / "main" / "fused" / "timfusion_compact").glob("*.png"))) == 3
     trained = result["train"]
     assert trained["tracking_uri"] == f"sqlite:///{workdir / 'main' / 'runs' / 'mlflow.db'}"

@@ -37,6 +37,27 @@ def _train_compact(cfg: DictConfig, task: str, workdir: Path, tracking: str) -> 
     ]))
 
 
+def _search_and_train(cfg: DictConfig, task: str, workdir: Path, tracking: str) -> dict[str, Any]:
+    """A small architecture search on synthetic pairs; its chosen genotype is trained by the search job."""
+    from timfusion.platform.jobs.search import search
+
+    spec, train_spec = cfg.search, cfg.train
+    height, width = train_spec.size
+    retrain = [f"train.steps={train_spec.steps}", f"train.time_budget_s={spec.time_budget_s}",
+               f"train.checkpoint_every={train_spec.steps}", f"guidance.weight={train_spec.guidance_weight}",
+               f"cluster.num_workers={train_spec.workers}"]
+    return search(compose("search", [
+        task, f"search_space={spec.space}", "cluster=local",
+        f"cluster.storage_path={workdir / 'runs' / 'ray'}",
+        f"tracking.uri={tracking}", f"workdir={workdir / 'search'}", "data=synthetic",
+        f"data.synthetic.n={train_spec.n}", f"data.synthetic.size=[{height},{width}]",
+        f"data.synthetic.seed={int(cfg.seed) + 1}", f"trials={spec.trials}", f"steps={spec.steps}",
+        f"report_every={max(1, int(spec.steps) // 4)}", "search.warmup_steps=4", "search.cost_size=[64,64]",
+        "retrain.overrides=[" + ",".join(f'"{o}"' for o in retrain) + "]",
+        f"name=run-search-{time.strftime('%Y%m%d-%H%M%S')}",
+    ]))
+
+
 @command("run", config="run",
          summary="the main job: synthetic data -> baselines + trained network -> ranking")
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -44,7 +65,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     data_dir, fused_dir, eval_dir = workdir / "data", workdir / "fused", workdir / "evaluate"
     task = f"task={OmegaConf.select(cfg, 'task.name')}"
     tracking = f"sqlite:///{workdir / 'runs' / 'mlflow.db'}"
-    steps = 4 if cfg.train.enabled else 3
+    steps = 3 + bool(cfg.train.enabled) + bool(cfg.search.enabled)
     print(f"[1/{steps}] synthetic {cfg.task.name} data -> {data_dir}")
     height, width = cfg.size
     synth(compose("data_synth", [task, f"out={data_dir}", f"n={cfg.n}", f"size=[{height},{width}]",
@@ -54,9 +75,20 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         fuse(compose("fuse", [task, f"model=baseline:{name}", f"data.root={data_dir}",
                               f"out={fused_dir / name}", "overwrite=true"]))
     methods = list(cfg.baselines)
-    trained = None
+    trained = searched = None
+    stage = 3
+    if cfg.search.enabled:
+        print(f"[{stage}/{steps}] architecture search ({cfg.search.trials} trials on Ray Tune + Optuna, "
+              f"space {cfg.search.space}), then training its genotype")
+        (workdir / "runs").mkdir(parents=True, exist_ok=True)
+        searched = _search_and_train(cfg, task, workdir, tracking)
+        model = f"model=runs:/{searched['retrain']['run_id']}"
+        fuse(compose("fuse", [task, model, f"tracking.uri={tracking}", f"data.root={data_dir}",
+                              f"out={fused_dir / 'timfusion_searched'}", "overwrite=true"]))
+        methods.append("timfusion_searched")
+        stage += 1
     if cfg.train.enabled:
-        print(f"[3/{steps}] training {cfg.train.genotype} on Ray Train (synthetic {cfg.task.name}, "
+        print(f"[{stage}/{steps}] training {cfg.train.genotype} on Ray Train (synthetic {cfg.task.name}, "
               f"at most {cfg.train.time_budget_s} s)")
         (workdir / "runs").mkdir(parents=True, exist_ok=True)
         trained = _train_compact(cfg, task, workdir, tracking)
@@ -70,7 +102,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                                            f"out={eval_dir}", f"methods={_list(methods)}"]))
     print(f"\ndone. results under {workdir}:\n  rank table  {eval_dir / 'ranks.md'}\n"
           f"  rank chart  {eval_dir / 'ranks.png'}\n  fused images {fused_dir}/<method>/")
-    if trained is not None:
-        print(f"  MLflow store {tracking} (training run {trained['run_id']})\n"
+    if searched is not None:
+        print(f"  search      {searched['genotype_path']} (MLflow run {searched['run_id']})")
+    if trained is not None or searched is not None:
+        run_id = (trained or searched)["run_id"]
+        print(f"  MLflow store {tracking} (run {run_id})\n"
               f"  open its UI: mlflow ui --backend-store-uri {tracking}")
-    return {**result, "train": trained}
+    return {**result, "train": trained, "search": searched}
