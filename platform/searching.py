@@ -14,6 +14,7 @@ search's run: its hyperparameters, metrics, alpha heatmap and derived genotype.
 
 from __future__ import annotations
 
+import copy
 import json
 import tempfile
 import time
@@ -50,7 +51,7 @@ def trial_settings(config: dict[str, Any]):
 
 
 def trial_task_config(config: dict[str, Any]) -> dict[str, Any]:
-    task = json.loads(json.dumps(config["task"]))
+    task = copy.deepcopy(config["task"])
     for key, value in (config.get("params") or {}).items():
         if key.startswith("loss."):
             task.setdefault("loss", {})[key.split(".", 1)[1]] = float(value)

@@ -107,8 +107,8 @@ class DartsSecondOrder(Hypergradient):
         saved = [w.detach().clone() for w in weights]
         xi = self.weight_lr
         try:
+            step = _grads(lower(), weights)
             with torch.no_grad():
-                step = _grads_nograd(lower, weights)
                 for w, g in zip(weights, step, strict=True):
                     w.sub_(xi * g)
             loss = upper()
@@ -128,11 +128,6 @@ class DartsSecondOrder(Hypergradient):
                 for w, s in zip(weights, saved, strict=True):
                     w.copy_(s)
         return [d - xi * (p - m) / (2 * eps) for d, p, m in zip(direct, plus, minus, strict=True)]
-
-
-def _grads_nograd(loss: Loss, params: Sequence[Tensor]) -> list[Tensor]:
-    with torch.enable_grad():
-        return _grads(loss(), params)
 
 
 @HYPERGRADS.register("implicit")

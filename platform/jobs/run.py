@@ -75,6 +75,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         fuse(compose("fuse", [task, f"model=baseline:{name}", f"data.root={data_dir}",
                               f"out={fused_dir / name}", "overwrite=true"]))
     methods = list(cfg.baselines)
+
+    def fuse_trained(method: str, run_id: str) -> str:
+        """Fuse the evaluation pairs with a tracked run's model into fused/<method>."""
+        fuse(compose("fuse", [task, f"model=runs:/{run_id}", f"tracking.uri={tracking}",
+                              f"data.root={data_dir}", f"out={fused_dir / method}", "overwrite=true"]))
+        return method
+
     trained = searched = None
     stage = 3
     if cfg.search.enabled:
@@ -82,20 +89,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
               f"space {cfg.search.space}), then training its genotype")
         (workdir / "runs").mkdir(parents=True, exist_ok=True)
         searched = _search_and_train(cfg, task, workdir, tracking)
-        model = f"model=runs:/{searched['retrain']['run_id']}"
-        fuse(compose("fuse", [task, model, f"tracking.uri={tracking}", f"data.root={data_dir}",
-                              f"out={fused_dir / 'timfusion_searched'}", "overwrite=true"]))
-        methods.append("timfusion_searched")
+        methods.append(fuse_trained("timfusion_searched", searched["retrain"]["run_id"]))
         stage += 1
     if cfg.train.enabled:
         print(f"[{stage}/{steps}] training {cfg.train.genotype} on Ray Train (synthetic {cfg.task.name}, "
               f"at most {cfg.train.time_budget_s} s)")
         (workdir / "runs").mkdir(parents=True, exist_ok=True)
         trained = _train_compact(cfg, task, workdir, tracking)
-        method = f"timfusion_{cfg.train.genotype}"
-        fuse(compose("fuse", [task, f"model=runs:/{trained['run_id']}", f"tracking.uri={tracking}",
-                              f"data.root={data_dir}", f"out={fused_dir / method}", "overwrite=true"]))
-        methods.append(method)
+        methods.append(fuse_trained(f"timfusion_{cfg.train.genotype}", trained["run_id"]))
     print(f"[{steps}/{steps}] scoring with the {cfg.definition} metrics")
     result = evaluate(compose("evaluate", [task, f"data.root={data_dir}", f"fused={fused_dir}",
                                            f"definition={cfg.definition}", f"metrics={_list(cfg.metrics)}",
