@@ -116,3 +116,12 @@ def shared_root(configured: str | None = None) -> Path:
     if env:
         return Path(env).expanduser()
     return ROOT.parent / "shared"
+
+
+def task_config(name: str) -> dict[str, Any]:
+    """A task's shipped config (``task=NAME``) as plain data; an unknown name lists the known ones."""
+    for base in [PRIMARY_DIR, *SEARCH_DIRS]:
+        path = base / "task" / f"{name}.yaml"
+        if path.exists():
+            return OmegaConf.to_container(OmegaConf.load(path), resolve=True)  # type: ignore[return-value]
+    raise UserError(f"task {name!r}: unknown; valid choices: {', '.join(group_options('task'))}")

@@ -58,7 +58,8 @@ def trial_task_config(config: dict[str, Any]) -> dict[str, Any]:
     return task
 
 
-def _loader(records: list[PairRecord], config: dict[str, Any], labels: bool, num_classes: int, seed: int):
+def patch_batches(records: list[PairRecord], config: dict[str, Any], labels: bool, num_classes: int, seed: int):
+    """Seeded batches of random ``config["crop"]`` patches, forever (an epoch after another)."""
     dataset = PairedDataset(
         records, crop=int(config["crop"]), seed=seed, labels=labels, num_classes=num_classes, cache=True
     )
@@ -130,8 +131,8 @@ def search_trial(config: dict[str, Any]) -> None:
     classes = len(task.classes)
     train_records = [PairRecord(**r) for r in config["train_records"]]
     val_records = [PairRecord(**r) for r in config["val_records"]]
-    train_batches = _loader(train_records, config, guided, classes, seed)
-    val_batches = _loader(val_records, config, guided, classes, seed + 1)
+    train_batches = patch_batches(train_records, config, guided, classes, seed)
+    val_batches = patch_batches(val_records, config, guided, classes, seed + 1)
     positions = [f"{place}:{pos}" for place, pos in space.positions()]
     steps, every = int(config["steps"]), int(config["report_every"])
     penalty = float(config["cost_penalty"])

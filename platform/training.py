@@ -235,6 +235,8 @@ def train_worker(config: dict[str, Any]) -> None:
         if head is not None and state.get("head") is not None:
             head.load_state_dict(state["head"], strict=True)
         step, epoch = int(state["step"]), int(state["epoch"])
+    elif config.get("init_state"):  # init_weights=: a meta-initialization or another run's weights
+        network.load_state_dict(torch.load(io.BytesIO(config["init_state"]), weights_only=True), strict=True)
 
     view = ctx.prepare_model(_TrainingView(network))
     head_ddp = ctx.prepare_model(head) if head is not None else None
@@ -362,7 +364,8 @@ def validate(
     device: torch.device,
     config: dict[str, Any],
 ) -> tuple[dict[str, float], bytes]:
-    """Fusion metrics (and mIoU with a head) on full-size validation pairs, plus a PNG grid."""
+    """The task's fusion loss (``loss``), fusion metrics (and mIoU with a head) on full-size
+    validation pairs, plus a PNG grid."""
     from timfusion.tasks.metrics import resolve_metrics, score_batch
 
     specs = resolve_metrics("tang", list(config["val_metrics"]))
@@ -371,7 +374,9 @@ def validate(
         head.eval()
     limit = int(config["train"]["val_max_pairs"])
     dataset = PairedDataset(records[:limit], labels=head is not None, num_classes=len(task.classes))
+    loss_fn = task.build_loss().to(device)
     sums: dict[str, list[float]] = {spec.name: [] for spec in specs}
+    sums["loss"] = []
     confusion = None
     tiles = []
     with torch.no_grad():
@@ -379,6 +384,7 @@ def validate(
             item = dataset[index]
             a, b = item["a"][None].to(device), item["b"][None].to(device)
             fused = network(a, b)
+            sums["loss"].append(float(loss_fn(a, b, fused)[0]))
             planes = [to_uint8(t[0, 0].float().cpu().numpy() * 255.0).astype(np.float64) for t in (a, b, fused)]
             values = score_batch([planes[0]], [planes[1]], [planes[2]], specs)
             for name, value in values.items():

@@ -10,7 +10,10 @@ With supernet weights ``w`` and architecture weights ``alpha`` (:class:`~.supern
 is the supernet's expected cost (params or MACs per op, :class:`~.supernet.CostTable`)
 over its maximum, so ``lambda`` is on the scale of the losses. Against the known collapse
 onto parameter-free ops, alpha stays fixed for ``warmup_steps`` while the weights learn,
-and derivation caps skips (``max_skips``). Weights use Adam at ``weight_lr``; alphas Adam
+and derivation caps skips (``max_skips``). ``upper_every`` takes that many lower steps per
+upper step: DARTS alternates one and one, while the implicit function theorem assumes
+the weights near their optimum for the current alpha, so the implicit method is meant to
+take several lower steps per hyperstep (Lorraine et al. 2020, Algorithm 1). Weights use Adam at ``weight_lr``; alphas Adam
 with betas (0.5, 0.999) as in the public TIM code. The task guidance is the training
 module's: a segmentation head trained on the detached fused images, its loss through
 the fused image added with weight ``guidance_weight`` at both levels.
@@ -50,6 +53,7 @@ class SearchSettings:
     guidance_weight: float = 0.0
     max_skips: int | None = 2
     grad_clip: float = 1.0
+    upper_every: int = 1
 
     @classmethod
     def from_config(cls, data: Mapping[str, Any]) -> SearchSettings:
@@ -65,6 +69,8 @@ class SearchSettings:
         for key in ("weight_lr", "alpha_lr"):
             if not float(getattr(settings, key)) > 0:
                 raise UserError(f"search.{key} must be > 0, got {getattr(settings, key)}")
+        if int(settings.upper_every) < 1:
+            raise UserError(f"search.upper_every must be >= 1, got {settings.upper_every}")
         for key in ("cost_weight", "guidance_weight"):
             if not float(getattr(settings, key)) >= 0:
                 raise UserError(f"search.{key} must be >= 0, got {getattr(settings, key)}")
@@ -146,7 +152,8 @@ class BilevelSearch:
         if self.head is not None:
             self.head_opt.zero_grad(set_to_none=True)
 
-        if self.step_count >= self.settings.warmup_steps:
+        since_warmup = self.step_count - self.settings.warmup_steps
+        if since_warmup >= 0 and since_warmup % int(self.settings.upper_every) == 0:
             weight = self.settings.cost_weight
 
             def upper() -> Tensor:

@@ -250,6 +250,12 @@ class CostTable:
             self._cache_path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self._cache_path, json.dumps(self._cache, indent=0, sort_keys=True))
 
+    def cost_of(self, choice: Mapping[tuple[str, int], str], candidates: Sequence[str]) -> float:
+        """The cost of a discrete choice (``{(place, position): op}``, e.g. a sampled genotype)."""
+        return float(
+            sum(self.costs[_alpha_key(place, pos)][list(candidates).index(op)] for (place, pos), op in choice.items())
+        )
+
     def _cost(self, name: str, op: nn.Module, slot) -> float:
         if self.kind == "params":
             return float(sum(p.numel() for p in op.parameters()))

@@ -44,7 +44,7 @@ def _loss() -> FusionLoss:
 
 
 def test_the_search_spaces_ship():
-    assert {"tim", "small"} <= set(SEARCH_SPACES())
+    assert {"tim", "small", "compact"} <= set(SEARCH_SPACES())
 
 
 @pytest.mark.parametrize("name", SEARCH_SPACES())
@@ -219,11 +219,39 @@ def test_unknown_search_space_lists_the_shipped_ones():
         load_search_space("enormous")
 
 
+def test_upper_every_spaces_the_alpha_steps_after_the_warm_up():
+    supernet = Supernet(load_search_space("small"))
+    settings = SearchSettings(hypergrad="first_order", warmup_steps=1, upper_every=3, alpha_lr=0.05)
+    search = BilevelSearch(supernet, _loss(), settings)
+    moved_at = []
+    for step in range(8):
+        before = [a.detach().clone() for a in supernet.arch_parameters()]
+        search.step(_batch(seed=step), _batch(seed=20 + step))
+        if any(not torch.equal(a.detach(), b) for a, b in zip(supernet.arch_parameters(), before, strict=True)):
+            moved_at.append(step)
+    assert moved_at == [1, 4, 7]
+
+
+def test_the_cost_of_a_discrete_choice_is_the_expected_cost_of_its_one_hot_alphas():
+    space = load_search_space("compact")
+    supernet = Supernet(space)
+    table = CostTable(supernet, "macs", (32, 32))
+    choice = {pos: space.candidates[i % len(space.candidates)] for i, pos in enumerate(space.positions())}
+    with torch.no_grad():
+        for pos, alpha in zip(space.positions(), supernet.arch_parameters(), strict=True):
+            alpha.fill_(-1e4)
+            alpha[space.candidates.index(choice[pos])] = 0.0
+    assert table.cost_of(choice, space.candidates) == pytest.approx(float(supernet.expected_cost(table).detach()))
+    assert table.cost_of({pos: "skip" for pos in space.positions()}, space.candidates) == 0.0
+
+
 def test_bad_search_settings_are_user_errors():
     with pytest.raises(UserError, match="search: unknown key 'alpha_rate'"):
         SearchSettings.from_config({"alpha_rate": 1.0})
     with pytest.raises(UserError, match="search.alpha_lr must be > 0"):
         SearchSettings.from_config({"alpha_lr": 0})
+    with pytest.raises(UserError, match="search.upper_every must be >= 1"):
+        SearchSettings.from_config({"upper_every": 0})
     with pytest.raises(UserError, match="unknown hypergradient method 'adjoint'"):
         BilevelSearch(Supernet(load_search_space("small")), _loss(), SearchSettings(hypergrad="adjoint"))
 

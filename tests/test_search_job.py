@@ -112,7 +112,7 @@ def test_pareto_front_keeps_the_undominated_points():
         (["+tune.space.depth={type: int, low: 1, high: 3}"], "tune.space: unknown parameter 'depth'"),
         (["tune.space.alpha_lr={type: float, low: 1.0, high: 0.1}"], "low 1.0 must be <= high 0.1"),
         (["tune.space.alpha_lr={type: beta}"], "type must be categorical, float or int"),
-        (["search_space=nowhere"], "search_space=nowhere: unknown value; valid choices: small, tim"),
+        (["search_space=nowhere"], "search_space=nowhere: unknown value; valid choices: compact, small, tim"),
         (["search.alpha_lr=0"], "search.alpha_lr must be > 0"),
         (["cluster=none"], "search runs its trials on Ray Tune"),
         (["trials=0"], "trials, steps and report_every must be >= 1"),

@@ -44,7 +44,7 @@ def test_two_workers_log_everything_and_checkpoint(ray_cluster, workdir):
     assert run.data.params["task.name"] == "ir_vis" and run.data.params["train.steps"] == "4"
     assert run.data.tags["task"] == "ir_vis" and len(run.data.tags["dataset_fingerprint"]) == 16
     assert run.data.tags["git_commit"]
-    assert "val/mIoU" in run.data.metrics and "val/Qabf" in run.data.metrics
+    assert "val/mIoU" in run.data.metrics and "val/Qabf" in run.data.metrics and run.data.metrics["val/loss"] > 0
     assert metric_steps(result, "loss/total") == [1, 2, 3, 4]
     artifacts = {a.path for folder in ("", "model", "config", "genotype", "validation", "data")
                  for a in client.list_artifacts(result["run_id"], folder or None)}
@@ -99,7 +99,8 @@ def test_main_job_trains_fuses_and_ranks_the_network_beside_the_baselines(ray_cl
     result = run(compose("run", [
         f"workdir={workdir / 'main'}", "n=3", "size=[64,80]", "baselines=[average,gff]", "metrics=[EN,MI,Qabf]",
         "train.steps=3", "train.n=6", "train.size=[64,64]", "train.workers=1", "train.time_budget_s=120",
-        "search.steps=4",
+        "search.steps=4", "meta.steps=2", "meta.n=4", "meta.size=[48,48]", "meta.crop=32", "meta.adapt_steps=4",
+        "meta.val_every=2", "meta.workers=1", "meta.meta_batch=2",
     ]))
     ranks = (workdir / "main" / "evaluate" / "ranks.md").read_text()
     assert "timfusion_compact" in ranks and "gff" in ranks and "average" in ranks
@@ -110,7 +111,10 @@ def test_main_job_trains_fuses_and_ranks_the_network_beside_the_baselines(ray_cl
     assert trained["tracking_uri"] == f"sqlite:///{workdir / 'main' / 'runs' / 'mlflow.db'}"
     run_info = MlflowClient(trained["tracking_uri"]).get_run(trained["run_id"])
     assert run_info.info.status == "FINISHED" and run_info.data.tags["final_step"] == "3"
-    assert "mlflow ui --backend-store-uri sqlite:///" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "mlflow ui --backend-store-uri sqlite:///" in out
+    assert "adaptation to multi_focus" in out
+    assert sorted(result["meta"]["curves"]["meta-init"]) == [2, 4] == sorted(result["meta"]["curves"]["random init"])
 
 
 def test_unknown_op_lists_known_ops(workdir):

@@ -58,6 +58,45 @@ def _search_and_train(cfg: DictConfig, task: str, workdir: Path, tracking: str) 
     ]))
 
 
+def _meta_and_adapt(cfg: DictConfig, workdir: Path, tracking: str) -> dict[str, Any]:
+    """A short meta-initialization on synthetic data of the other families, then adaptation to
+    the held-out one from it and from random init: their validation-loss curves side by side."""
+    from mlflow.tracking import MlflowClient
+
+    from timfusion.platform.jobs.meta import adapt, meta
+    from timfusion.platform.report import text_table
+
+    spec = cfg.meta
+    height, width = spec.size
+    data = ["data=synthetic", f"data.synthetic.n={spec.n}", f"data.synthetic.size=[{height},{width}]",
+            f"data.synthetic.seed={int(cfg.seed) + 2}", f"tracking.uri={tracking}",
+            f"cluster.storage_path={workdir / 'runs' / 'ray'}"]
+    stamp = time.strftime('%Y%m%d-%H%M%S')
+    meta_run = meta(compose("meta", [
+        *data, "cluster=local", f"cluster.num_workers={spec.workers}", f"workdir={workdir / 'meta'}",
+        f"meta.algorithm={spec.algorithm}", f"meta.tasks={_list(spec.tasks)}", f"meta.exclude=[{spec.held_out}]",
+        f"meta.steps={spec.steps}", f"meta.meta_batch={spec.meta_batch}", f"meta.crop={spec.crop}",
+        f"name=run-meta-{stamp}",
+    ]))
+    curves = {}
+    for label, init in (("meta-init", meta_run["run_id"]), ("random init", "random")):
+        run = adapt(compose("adapt", [
+            *data, "cluster=none", f"workdir={workdir / 'adapt'}", f"task={spec.held_out}", f"init={init}",
+            f"steps={spec.adapt_steps}", f"train.val_every={spec.val_every}", f"train.log_every={spec.val_every}",
+            f"train.checkpoint_every={spec.adapt_steps}", f"train.crop={spec.crop}", "train.batch_size=4",
+            "train.val_max_pairs=2", "val_metrics=[VIF,Qabf]", "guidance.weight=0",
+            f"name=run-adapt-{label.split()[0]}-{stamp}",
+        ]))
+        history = MlflowClient(tracking).get_metric_history(run["run_id"], "val/loss")
+        curves[label] = {m.step: m.value for m in history}
+    rows = [{"step": step, **{label: values.get(step) for label, values in curves.items()}}
+            for step in sorted(set().union(*curves.values()))]
+    print(f"adaptation to {spec.held_out} (validation fusion loss; meta-trained on "
+          f"{', '.join(t for t in spec.tasks if t != spec.held_out)} with {spec.algorithm}):")
+    print(text_table(rows, ["step", *curves]))
+    return {"meta_run_id": meta_run["run_id"], "curves": curves}
+
+
 @command("run", config="run",
          summary="the main job: synthetic data -> baselines + trained network -> ranking")
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -65,7 +104,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     data_dir, fused_dir, eval_dir = workdir / "data", workdir / "fused", workdir / "evaluate"
     task = f"task={OmegaConf.select(cfg, 'task.name')}"
     tracking = f"sqlite:///{workdir / 'runs' / 'mlflow.db'}"
-    steps = 3 + bool(cfg.train.enabled) + bool(cfg.search.enabled)
+    steps = 3 + bool(cfg.train.enabled) + bool(cfg.search.enabled) + bool(cfg.meta.enabled)
     print(f"[1/{steps}] synthetic {cfg.task.name} data -> {data_dir}")
     height, width = cfg.size
     synth(compose("data_synth", [task, f"out={data_dir}", f"n={cfg.n}", f"size=[{height},{width}]",
@@ -97,6 +136,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         (workdir / "runs").mkdir(parents=True, exist_ok=True)
         trained = _train_compact(cfg, task, workdir, tracking)
         methods.append(fuse_trained(f"timfusion_{cfg.train.genotype}", trained["run_id"]))
+        stage += 1
+    adapted = None
+    if cfg.meta.enabled:
+        print(f"[{stage}/{steps}] meta-initialization ({cfg.meta.algorithm}, learn2learn on Ray Train) on "
+              f"synthetic data of three families, then adaptation to {cfg.meta.held_out}")
+        (workdir / "runs").mkdir(parents=True, exist_ok=True)
+        adapted = _meta_and_adapt(cfg, workdir, tracking)
     print(f"[{steps}/{steps}] scoring with the {cfg.definition} metrics")
     result = evaluate(compose("evaluate", [task, f"data.root={data_dir}", f"fused={fused_dir}",
                                            f"definition={cfg.definition}", f"metrics={_list(cfg.metrics)}",
@@ -109,4 +155,4 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         run_id = (trained or searched)["run_id"]
         print(f"  MLflow store {tracking} (run {run_id})\n"
               f"  open its UI: mlflow ui --backend-store-uri {tracking}")
-    return {**result, "train": trained, "search": searched}
+    return {**result, "train": trained, "search": searched, "meta": adapted}

@@ -64,7 +64,8 @@ def training_records(cfg: DictConfig, task: FusionTask, workdir: Path) -> tuple[
     return train, val
 
 
-def _resolve_workers(cluster: DictConfig) -> tuple[int, bool]:
+def resolve_workers(cluster: DictConfig) -> tuple[int, bool]:
+    """The number of training workers and whether they use GPUs, from the cluster config."""
     import torch
 
     gpus = torch.cuda.device_count()
@@ -113,16 +114,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         raise UserError(f"guidance.weight={cfg.guidance.weight}: must be >= 0")
     if int(cfg.train.steps) < 1 or int(cfg.train.checkpoint_every) < 1 or int(cfg.train.log_every) < 1:
         raise UserError("train.steps, train.checkpoint_every and train.log_every must be >= 1")
-    workers, use_gpu = _resolve_workers(cfg.cluster)
+    init_state = initial_weights(cfg.init_weights, genotype, cfg.tracking.uri) if cfg.init_weights else None
+    workers, use_gpu = resolve_workers(cfg.cluster)
     storage = storage_root(cfg.cluster)
     name = cfg.name or f"{task.name}-{genotype.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_dir = Path(storage) / name if "://" not in storage else Path(str(cfg.workdir)).resolve() / "runs" / name
-    info = read_run_info(run_dir)
-    if cfg.resume and info is None:
-        raise UserError(f"resume=true: no run {name!r} under {storage} to resume (pass its name=)")
-    if not cfg.resume and (info is not None or (run_dir.exists() and any(run_dir.iterdir()))):
-        raise UserError(f"name={name}: a run of that name exists under {storage}; pass resume=true to continue it "
-                        "or choose another name")
+    run_dir, info = prepare_run_dir(cfg, name, storage)
     workdir = Path(str(cfg.workdir)).resolve()
     train_records, val_records = training_records(cfg, task, workdir)
     resolved = to_container(cfg)
@@ -136,6 +132,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             "dataset_fingerprint": fingerprint(train_records + val_records),
             "train_fingerprint": fingerprint(train_records), "val_fingerprint": fingerprint(val_records),
             "parameters": str(count_parameters(FusionNetwork(genotype))),
+            **({"init_weights": str(cfg.init_weights)} if cfg.init_weights else {}),
+            **{str(k): str(v) for k, v in (cfg.tags or {}).items()},
         }
         tracker = Tracker.start({**resolved["tracking"], "uri": uri}, name, tags, cfg.parent_run_id)
         tracker.log_config(resolved)
@@ -152,7 +150,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "train_records": [dataclasses.asdict(r) for r in train_records],
         "val_records": [dataclasses.asdict(r) for r in val_records],
         "tracking_uri": tracker.uri, "mlflow_run_id": tracker.run_id,
-        "threads_per_worker": int(cfg.cluster.cpus_per_worker),
+        "threads_per_worker": int(cfg.cluster.cpus_per_worker), "init_state": init_state,
     }
     print(f"training {genotype.name} for {task.name}: {len(train_records)} train / {len(val_records)} val pairs, "
           f"{workers if cfg.cluster.backend == 'ray' else 1} worker(s), run {name} (MLflow {tracker.run_id})")
@@ -161,7 +159,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if cfg.cluster.backend == "local":
             train_worker(loop_config)
         else:
-            _fit_with_ray(cfg, loop_config, name, storage, workers, use_gpu)
+            fit_with_ray(cfg, train_worker, loop_config, name, storage, workers, use_gpu)
     except BaseException:
         tracker.finish("FAILED")
         raise
@@ -174,13 +172,46 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     return {"run_id": tracker.run_id, "name": name, "metrics": metrics, "tracking_uri": tracker.uri}
 
 
-def _fit_with_ray(cfg: DictConfig, loop_config: dict, name: str, storage: str, workers: int, use_gpu: bool) -> None:
+def prepare_run_dir(cfg: DictConfig, name: str, storage: str) -> tuple[Path, dict[str, Any] | None]:
+    """The run's folder and its run info when it exists; errors for a bad ``resume``/``name`` pair."""
+    run_dir = Path(storage) / name if "://" not in storage else Path(str(cfg.workdir)).resolve() / "runs" / name
+    info = read_run_info(run_dir)
+    if cfg.resume and info is None:
+        raise UserError(f"resume=true: no run {name!r} under {storage} to resume (pass its name=)")
+    if not cfg.resume and (info is not None or (run_dir.exists() and any(run_dir.iterdir()))):
+        raise UserError(f"name={name}: a run of that name exists under {storage}; pass resume=true to continue it "
+                        "or choose another name")
+    return run_dir, info
+
+
+def initial_weights(reference: str, genotype: Any, tracking: str | None) -> bytes:
+    """The weights training starts from (``init_weights=``: a model file, folder or ``runs:/``),
+    as the bytes of a state dict; the file's genotype must be the run's."""
+    import io
+
+    import torch
+
+    from timfusion.platform.models import model_file
+    from timfusion.search_spaces.network import load_model
+
+    network, stored, _ = load_model(model_file(str(reference), tracking))
+    if stored.to_dict() | {"name": None} != genotype.to_dict() | {"name": None}:
+        raise UserError(f"init_weights={reference}: its genotype {stored.name!r} is not the requested "
+                        f"genotype {genotype.name!r} (pass genotype= matching the initialization)")
+    buffer = io.BytesIO()
+    torch.save(network.state_dict(), buffer)
+    return buffer.getvalue()
+
+
+def fit_with_ray(cfg: DictConfig, loop: Any, loop_config: dict, name: str, storage: str, workers: int,
+                 use_gpu: bool) -> None:
+    """Run ``loop`` on a Ray Train worker group (DDP), checkpoints under ``storage``/``name``."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
     init_ray(cfg.cluster)
     trainer = TorchTrainer(
-        train_worker,
+        loop,
         train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(
             num_workers=workers, use_gpu=use_gpu, resources_per_worker={"CPU": float(cfg.cluster.cpus_per_worker)},

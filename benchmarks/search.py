@@ -1,0 +1,344 @@
+"""Architecture search on IR/VIS: each hypergradient method and a black-box baseline, one wall budget.
+
+Usage::
+
+    python benchmarks/search.py [--budget 240] [--retrain 180] [--space compact]
+                                [--methods first_order darts implicit tim darts@4]
+                                [--out benchmarks/results/search.json]
+
+Data: the IR/VIS training data of ``timfusion train`` (../shared/data roadscene + msrs,
+the same seeded validation split); objective: the ir_vis task with the loss of
+:data:`TASK_OVERRIDES` (intensity towards the brighter source + 10 x gradient), on the
+``compact`` space (regression head). Every search gets ``--budget`` seconds of wall time
+on this machine (all CPU threads, in this process; evaluation pauses the clock):
+
+* one bilevel search per hypergradient method on the ``--space`` supernet, with the
+  settings of ``timfusion search`` (platform/conf/search.yaml ``search:``) and
+  ``hypergrad=`` the method; ``implicit`` takes ``upper_every`` lower steps per hyperstep
+  as its algorithm prescribes (Lorraine et al. 2020), the others alternate one and one
+  as theirs do (:data:`METHOD_SETTINGS`, printed in the table); ``darts@4`` is DARTS on
+  implicit's schedule, to tell the schedule's share from the hypergradient's. Every
+  ``--eval-every`` seconds the supernet's fusion loss on fixed validation patches (4
+  seeded crops of each validation pair) is recorded; "final" and "reached" use the mean
+  of the last :data:`SMOOTH` evaluations;
+* the black-box baseline: Optuna (TPE) samples a discrete genotype (one candidate per
+  position) per trial, trains it from scratch for ``--budget / --bb-trials`` seconds and
+  scores it as the upper level does (fixed-patch validation fusion loss + cost_weight x
+  normalised MACs), until the same budget is spent; its genotype is the best trial's.
+
+Each derived genotype is retrained with ``timfusion train`` (in-process, ``--retrain``
+seconds, the training defaults) and fuses the 21 VIFB pairs, scored with the tang
+metrics. Targets: ``implicit`` reaches ``darts``'s final validation loss in at most half
+``darts``'s time, and the implicit genotype beats the black-box one (higher on at least
+two of VIFB's MI, Qabf, VIF) at equal or fewer MACs. Prints the table, writes the JSON
+and a PNG of the validation-loss curves beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from timfusion.platform.report import text_table
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("TIMFUSION_SHARED", REPO.parent / "shared"))
+METHODS = ["first_order", "darts", "implicit", "tim", "darts@4"]
+METHOD_SETTINGS: dict[str, dict[str, Any]] = {
+    "implicit": {"upper_every": 4, "hypergrad_options": {"solver": "cg", "terms": 2}},
+}
+# The search objective: the classic unsupervised IR/VIS loss (towards the brighter source's
+# intensity and the stronger gradient) on a regression head. Under the default ir_vis loss
+# the compact layout's activity head *is* that loss's target rule, so a supernet starts at
+# the loss's optimum and the search has nothing to find (RESULTS.md, search section).
+TASK_OVERRIDES = ["task.loss.activity=0", "task.loss.selection=0", "task.loss.intensity=1", "task.loss.gradient=10"]
+SMOOTH = 3  # evaluations averaged for "final" and "reached" (the curves are noisy step to step)
+VIFB_METRICS = ["MI", "Qabf", "VIF", "SSIM"]
+TARGET_METRICS = ["MI", "Qabf", "VIF"]
+MACS_SIZE = (256, 256)
+
+
+def fixed_patches(records, crop: int, epochs: int, seed: int) -> dict[str, torch.Tensor]:
+    """The same validation patches for every method: ``epochs`` seeded crops of each pair."""
+    from timfusion.tasks.datasets import PairedDataset
+
+    dataset = PairedDataset(records, crop=crop, seed=seed, cache=True)
+    items = []
+    for epoch in range(epochs):
+        dataset.set_epoch(epoch)
+        items += [dataset[i] for i in range(len(dataset))]
+    return {key: torch.stack([item[key] for item in items]) for key in ("a", "b")}
+
+
+def validation_loss(network, loss_fn, patches: dict[str, torch.Tensor], chunk: int = 16) -> float:
+    """Mean fusion loss of ``network.fuse`` (unclipped, as trained) over the fixed patches."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(patches["a"]), chunk):
+            a, b = patches["a"][start:start + chunk], patches["b"][start:start + chunk]
+            loss, _ = loss_fn(a, b, network.fuse(a, b))
+            total, count = total + float(loss) * len(a), count + len(a)
+    return total / count
+
+
+def search_method(label: str, ctx: dict[str, Any], budget: float, eval_every: float) -> dict[str, Any]:
+    """One bilevel search for ``budget`` seconds; its curve and genotype. ``label`` is a
+    method name, or ``METHOD@K`` for that method with ``upper_every=K``."""
+    from timfusion.platform.searching import patch_batches
+    from timfusion.search_spaces.bilevel import BilevelSearch, SearchSettings
+    from timfusion.search_spaces.supernet import Supernet
+
+    torch.manual_seed(ctx["seed"])
+    method, _, every = label.partition("@")
+    values = {**ctx["search"], "hypergrad": method, **METHOD_SETTINGS.get(method, {})}
+    if every:
+        values["upper_every"] = int(every)
+    settings = SearchSettings.from_config(values)
+    supernet = Supernet(ctx["space"], seed=ctx["seed"])
+    search = BilevelSearch(supernet, ctx["task"].build_loss(), settings)
+    train = patch_batches(ctx["train"], ctx["loader"], False, 2, ctx["seed"])
+    val = patch_batches(ctx["val"], ctx["loader"], False, 2, ctx["seed"] + 1)
+    clock, next_eval = 0.0, 0.0
+    curve = [(0.0, 0, validation_loss(supernet, search.loss_fn, ctx["patches"]))]
+    while clock < budget:
+        started = time.perf_counter()
+        search.step(next(train), next(val))
+        clock += time.perf_counter() - started
+        if clock >= next_eval + eval_every or clock >= budget:
+            next_eval = clock
+            curve.append((clock, search.step_count, validation_loss(supernet, search.loss_fn, ctx["patches"])))
+    genotype = supernet.derive(max_skips=settings.max_skips, name=f"searched-{method}")
+    return {"label": label, "settings": {"upper_every": settings.upper_every,
+                                          "hypergrad_options": settings.hypergrad_options},
+            "seconds": clock, "steps": search.step_count, "curve": curve, "final_val_loss": smoothed(curve)[-1][1],
+            "genotype": genotype.to_dict(), "ops": _ops(genotype)}
+
+
+def black_box(ctx: dict[str, Any], budget: float, trials: int) -> dict[str, Any]:
+    """Optuna TPE over discrete genotypes, each trained briefly from scratch, for ``budget`` seconds."""
+    import optuna
+
+    from timfusion.platform.searching import patch_batches
+    from timfusion.search_spaces.network import FusionNetwork
+    from timfusion.search_spaces.supernet import CostTable, Supernet
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    space, search = ctx["space"], ctx["search"]
+    table = CostTable(Supernet(space), str(search["cost"]), tuple(search["cost_size"]))
+    cost_max = float(sum(c.max() for c in table.costs.values()))
+    study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=ctx["seed"]))
+    per_trial = budget / trials
+    loss_fn = ctx["task"].build_loss()
+    clock, best, curve, records = 0.0, None, [], []
+    while clock < budget:
+        trial = study.ask()
+        choice = {(place, pos): trial.suggest_categorical(f"{place}:{pos}", list(space.candidates))
+                  for place, pos in space.positions()}
+        cost = table.cost_of(choice, space.candidates)
+        genotype = space.genotype(choice, name="searched-black_box")
+        torch.manual_seed(ctx["seed"] + trial.number)
+        network = FusionNetwork(genotype)
+        optimizer = torch.optim.Adam(network.parameters(), lr=float(search["weight_lr"]))
+        batches = patch_batches(ctx["train"], ctx["loader"], False, 2, ctx["seed"] + trial.number)
+        spent = 0.0
+        while spent < per_trial and clock + spent < budget:
+            started = time.perf_counter()
+            batch = next(batches)
+            loss, _ = loss_fn(batch["a"], batch["b"], network.fuse(batch["a"], batch["b"]))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(network.parameters(), float(search["grad_clip"]))
+            optimizer.step()
+            spent += time.perf_counter() - started
+        clock += spent
+        val = validation_loss(network, loss_fn, ctx["patches"])
+        score = val + float(search["cost_weight"]) * cost / cost_max
+        study.tell(trial, score)
+        records.append({"trial": trial.number, "ops": _ops(genotype), "val_loss": val, "score": score})
+        if best is None or score < best["score"]:
+            best = {"score": score, "val_loss": val, "genotype": genotype}
+        curve.append((clock, trial.number + 1, best["val_loss"]))
+    return {"label": "black_box", "settings": {"trials": len(records), "seconds_per_trial": per_trial},
+            "seconds": clock, "steps": len(records), "curve": curve, "final_val_loss": best["val_loss"],
+            "genotype": best["genotype"].to_dict(), "ops": _ops(best["genotype"]), "trials": records}
+
+
+def _ops(genotype) -> str:
+    return " ".join(op for _, cell in genotype.cells() for op in cell.ops)
+
+
+def smoothed(curve: list[tuple[float, int, float]]) -> list[tuple[float, float]]:
+    """(time, mean of the last ``SMOOTH`` evaluations up to it), from the ``SMOOTH``-th on."""
+    losses = [loss for _, _, loss in curve]
+    return [(curve[i][0], float(np.mean(losses[i + 1 - SMOOTH:i + 1]))) for i in range(SMOOTH - 1, len(curve))]
+
+
+def time_to_reach(curve: list[tuple[float, int, float]], target: float) -> float | None:
+    """The first time the smoothed validation loss is at or below ``target``."""
+    return next((t for t, loss in smoothed(curve) if loss <= target), None)
+
+
+def retrain_and_score(results: list[dict[str, Any]], ctx: dict[str, Any], seconds: float, workdir: Path) -> None:
+    """Retrain every distinct derived genotype, fuse VIFB, score; adds the figures to ``results``."""
+    from mlflow.tracking import MlflowClient
+
+    from timfusion.platform.config import compose
+    from timfusion.platform.jobs.evaluate import evaluate
+    from timfusion.platform.jobs.fuse import fuse
+    from timfusion.platform.jobs.train import train
+    from timfusion.platform.models import load_fuser
+    from timfusion.search_spaces.genotype import Genotype
+    from timfusion.search_spaces.network import FusionNetwork, count_macs
+
+    fused_root = workdir / "fused"
+    trained: dict[str, dict[str, Any]] = {}
+    for result in results:
+        genotype = Genotype.from_dict(result["genotype"])
+        result["macs"] = count_macs(FusionNetwork(genotype), *MACS_SIZE, full=False)
+        if result["ops"] in trained:
+            result["retrain"] = trained[result["ops"]]
+            continue
+        path = workdir / f"{result['label']}.json"
+        path.write_text(genotype.to_json())
+        run = train(compose("train", [
+            *ctx["task_overrides"], f"genotype={path}", "cluster=none", f"cluster.cpus_per_worker={os.cpu_count()}",
+            "train.steps=100000", f"train.time_budget_s={seconds}", "train.checkpoint_every=1000",
+            "train.log_every=20", f"name=search-bench-{result['label']}-{int(time.time())}",
+        ]))
+        folder = fused_root / result["label"]
+        fuse(compose("fuse", [f"model=runs:/{run['run_id']}", "data.dataset=vifb", f"out={folder}", "overwrite=true"]))
+        network = load_fuser(f"runs:/{run['run_id']}", ctx["task"])
+        trained[result["ops"]] = result["retrain"] = {
+            "run_id": run["run_id"], "steps": int(MlflowClient(run["tracking_uri"]).get_run(run["run_id"]).data.tags["final_step"]),
+            "val_loss": validation_loss(network, ctx["task"].build_loss(), ctx["patches"]),
+            "method_folder": result["label"],
+        }
+    metrics_list = "[" + ",".join(VIFB_METRICS) + "]"
+    scored = evaluate(compose("evaluate", ["data.dataset=vifb", f"fused={fused_root}", f"metrics={metrics_list}",
+                                           f"out={workdir / 'evaluate'}"]))
+    for result in results:
+        summary = scored["summaries"][result["retrain"]["method_folder"]]
+        result["vifb"] = {metric: summary[metric]["mean"] for metric in VIFB_METRICS}
+
+
+def plot_curves(results: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for result in results:
+        times, _, losses = zip(*result["curve"], strict=True)
+        ax.plot(times, losses, label=result["label"], drawstyle="steps-post" if result["label"] == "black_box" else None)
+    ax.set_xlabel("search wall time (s)")
+    ax.set_ylabel("validation fusion loss (fixed patches)")
+    ax.set_title("architecture search on IR/VIS (black_box: best trial so far)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--budget", type=float, default=240.0, help="search wall seconds per method")
+    parser.add_argument("--retrain", type=float, default=180.0, help="training seconds per derived genotype")
+    parser.add_argument("--methods", nargs="+", default=METHODS)
+    parser.add_argument("--space", default="compact", help="search space name or YAML path")
+    parser.add_argument("--bb-trials", type=int, default=10, help="black-box trials in the budget")
+    parser.add_argument("--eval-every", type=float, default=10.0, help="seconds of search between evaluations")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "search.json"))
+    parser.add_argument("--workdir", default=None)
+    parser.add_argument("--task-overrides", nargs="*", default=TASK_OVERRIDES,
+                        help="train-config overrides of the task (its loss) for the searches and retraining")
+    args = parser.parse_args(argv)
+    if not (SHARED / "data" / "vifb").exists():
+        print(f"{SHARED / 'data' / 'vifb'} is absent: set TIMFUSION_SHARED", file=sys.stderr)
+        return 2
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="timfusion-search-bench-")).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    os.chdir(workdir)
+    torch.set_num_threads(os.cpu_count())
+    from timfusion.platform.config import compose, to_container
+    from timfusion.platform.jobs.common import task_from
+    from timfusion.platform.jobs.train import training_records
+    from timfusion.search_spaces.supernet import load_search_space
+
+    search_cfg = compose("search", [])
+    train_cfg = compose("train", list(args.task_overrides))
+    task = task_from(train_cfg)
+    train_records, val_records = training_records(train_cfg, task, workdir)
+    ctx = {
+        "seed": args.seed, "task": task, "space": load_search_space(args.space),
+        "search": to_container(search_cfg)["search"], "train": train_records, "val": val_records,
+        "loader": {"crop": int(search_cfg.crop), "batch_size": int(search_cfg.batch_size)},
+        "patches": fixed_patches(val_records, crop=int(search_cfg.crop), epochs=4, seed=12345),
+        "task_overrides": list(args.task_overrides),
+    }
+    print(f"{len(train_records)} train / {len(val_records)} val pairs; space {ctx['space'].name}; "
+          f"{args.budget:.0f} s per search, {args.retrain:.0f} s retraining; workdir {workdir}")
+    results = []
+    for method in args.methods:
+        results.append(search_method(method, ctx, args.budget, args.eval_every))
+        print(f"  {method}: {results[-1]['steps']} steps, val loss {results[-1]['final_val_loss']:.5f}, "
+              f"{results[-1]['ops']}", flush=True)
+    results.append(black_box(ctx, args.budget, args.bb_trials))
+    print(f"  black_box: {results[-1]['steps']} trials, best val loss {results[-1]['final_val_loss']:.5f}, "
+          f"{results[-1]['ops']}", flush=True)
+    retrain_and_score(results, ctx, args.retrain, workdir)
+
+    by_label = {r["label"]: r for r in results}
+    targets: dict[str, Any] = {}
+    if "darts" in by_label:
+        darts = by_label["darts"]
+        for result in results:
+            result["time_to_darts_final"] = time_to_reach(result["curve"], darts["final_val_loss"])
+        if "implicit" in by_label:
+            reached = by_label["implicit"]["time_to_darts_final"]
+            targets["implicit_reaches_darts_final_in_half_time"] = (
+                reached is not None and reached <= 0.5 * darts["seconds"]
+            )
+    if "implicit" in by_label:
+        ours, theirs = by_label["implicit"], by_label["black_box"]
+        wins = [m for m in TARGET_METRICS if ours["vifb"][m] > theirs["vifb"][m]]
+        targets["implicit_beats_black_box_at_no_more_macs"] = len(wins) >= 2 and ours["macs"] <= theirs["macs"]
+        targets["implicit_wins_on"] = wins
+    rows = [{
+        "method": r["label"],
+        "schedule": (f"upper every {r['settings']['upper_every']}, {r['settings']['hypergrad_options'] or 'defaults'}"
+                     if "upper_every" in r["settings"] else f"{r['settings']['trials']} trials"),
+        "steps": r["steps"], "search s": r["seconds"], "final val loss": r["final_val_loss"],
+        "s to darts final": r.get("time_to_darts_final"), "genotype": r["ops"], "MMACs@256": r["macs"] / 1e6,
+        "retrained val loss": r["retrain"]["val_loss"], **{f"VIFB {m}": r["vifb"][m] for m in VIFB_METRICS},
+    } for r in results]
+    columns = list(rows[0])
+    table = text_table(rows, columns)
+    print(table)
+    print(json.dumps(targets))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    plot_curves(results, out.with_suffix(".png"))
+    payload = {"task_overrides": list(args.task_overrides), "machine": f"{os.cpu_count()} CPUs, torch {torch.__version__}", "load_average": os.getloadavg(),
+               "budget_s": args.budget, "retrain_s": args.retrain, "space": ctx["space"].name,
+               "results": results, "targets": targets, "workdir": str(workdir)}
+    partial = out.with_name(out.name + ".part")
+    partial.write_text(json.dumps(payload, indent=2, default=float) + "\n")
+    os.replace(partial, out)
+    print(f"wrote {out} and {out.with_suffix('.png')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

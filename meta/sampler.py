@@ -1,0 +1,83 @@
+"""Meta-tasks: a batch of patches from one fusion task family (or variant), split into support and query.
+
+The task distribution is uniform over the *families* left after ``exclude`` (``ir_vis``,
+``medical``, ``multi_exposure``, ``multi_focus``), then uniform over the family's
+configured variants (``mri_ct``, ``mri_pet``, ``mri_spect``), so the three medical
+variants do not outweigh the other families. ``exclude`` takes task or family names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from timfusion.platform.errors import UserError
+from timfusion.tasks import FusionTask
+from timfusion.tasks.datasets import PairedDataset, PairRecord
+
+
+@dataclass
+class MetaTask:
+    """One meta-task: the task it comes from and its support and query patches."""
+
+    task: str
+    support: dict[str, Tensor]
+    query: dict[str, Tensor]
+
+
+def included_tasks(tasks: Sequence[FusionTask], exclude: Sequence[str]) -> list[FusionTask]:
+    """``tasks`` without those whose name or family is in ``exclude``; unknown names are an error."""
+    known = {t.name for t in tasks} | {t.family for t in tasks}
+    unknown = sorted(set(exclude) - known)
+    if unknown:
+        raise UserError(f"meta.exclude: {', '.join(unknown)} not among the meta tasks or their families "
+                        f"({', '.join(sorted(known))})")
+    kept = [t for t in tasks if t.name not in exclude and t.family not in exclude]
+    if not kept:
+        raise UserError(f"meta.exclude={list(exclude)} leaves no task to meta-train on")
+    return kept
+
+
+class TaskSampler:
+    """Draws :class:`MetaTask` s from per-task pools of training pairs, seeded per worker."""
+
+    def __init__(
+        self,
+        pools: Mapping[str, tuple[FusionTask, list[PairRecord]]],
+        support: int,
+        query: int,
+        crop: int,
+        seed: int,
+    ) -> None:
+        if support < 1 or query < 1:
+            raise UserError(f"meta.support and meta.query must be >= 1, got {support} and {query}")
+        self.tasks = {name: task for name, (task, _) in pools.items()}
+        self.datasets = {
+            name: PairedDataset(records, crop=crop, seed=seed, cache=True) for name, (_, records) in pools.items()
+        }
+        families: dict[str, list[str]] = {}
+        for name, task in self.tasks.items():
+            families.setdefault(task.family, []).append(name)
+        self.families = {family: sorted(names) for family, names in sorted(families.items())}
+        self.support, self.query = support, query
+        self.rng = np.random.default_rng(seed)
+        self.draws = 0
+
+    def sample(self) -> MetaTask:
+        family = list(self.families)[self.rng.integers(len(self.families))]
+        variants = self.families[family]
+        name = variants[self.rng.integers(len(variants))]
+        dataset = self.datasets[name]
+        dataset.set_epoch(self.draws)
+        self.draws += 1
+        count = self.support + self.query
+        picks = self.rng.choice(len(dataset), size=count, replace=count > len(dataset))
+        items = [dataset[int(i)] for i in picks]
+        a = torch.stack([item["a"] for item in items])
+        b = torch.stack([item["b"] for item in items])
+        s = self.support
+        return MetaTask(name, {"a": a[:s], "b": b[:s]}, {"a": a[s:], "b": b[s:]})

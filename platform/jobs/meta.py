@@ -1,0 +1,166 @@
+"""``timfusion meta`` (learn a meta-initialization) and ``timfusion adapt`` (fine-tune from one)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from timfusion.platform.config import compose, task_config, to_container
+from timfusion.platform.errors import UserError
+from timfusion.platform.jobs import command
+from timfusion.platform.jobs.train import (
+    fit_with_ray,
+    prepare_run_dir,
+    resolve_workers,
+    storage_root,
+    train,
+    training_records,
+)
+from timfusion.platform.tracking import Tracker, tracking_uri
+from timfusion.platform.training import write_run_info
+from timfusion.tasks import build_task
+from timfusion.tasks.datasets import fingerprint
+
+RUN_ID = re.compile(r"[0-9a-f]{32}")
+POSITIVE = ("steps", "meta_batch", "inner_steps", "support", "query", "crop", "log_every", "checkpoint_every")
+
+
+def check_meta_settings(settings: DictConfig) -> None:
+    """Every ``meta.*`` problem as a UserError naming the key, before any data or Ray work."""
+    from timfusion.meta.algorithms import META_ALGORITHMS
+
+    META_ALGORITHMS.get(str(settings.algorithm))
+    for key in POSITIVE:
+        if int(settings[key]) < 1:
+            raise UserError(f"meta.{key} must be >= 1, got {settings[key]}")
+    for key in ("inner_lr", "outer_lr", "grad_clip"):
+        if not float(settings[key]) > 0:
+            raise UserError(f"meta.{key} must be > 0, got {settings[key]}")
+    if not settings.tasks:
+        raise UserError("meta.tasks: give at least one task")
+
+
+@command("meta", config="meta", summary="meta-initialization over fusion tasks (learn2learn) on Ray Train")
+def meta(cfg: DictConfig) -> dict[str, Any]:
+    from timfusion.meta.loop import meta_worker
+    from timfusion.meta.sampler import included_tasks
+    from timfusion.search_spaces.genotype import load_genotype
+    from timfusion.search_spaces.network import FusionNetwork
+
+    settings = cfg.meta
+    check_meta_settings(settings)
+    genotype = load_genotype(str(settings.genotype))
+    FusionNetwork(genotype)
+    tasks = included_tasks([build_task(task_config(str(name))) for name in settings.tasks],
+                           [str(name) for name in settings.exclude])
+    workers, use_gpu = resolve_workers(cfg.cluster)
+    if cfg.cluster.backend == "local":
+        workers = 1
+    if int(settings.meta_batch) < workers:
+        raise UserError(f"meta.meta_batch={settings.meta_batch}: fewer tasks than the {workers} workers "
+                        "(raise it or lower cluster.num_workers)")
+    storage = storage_root(cfg.cluster)
+    name = cfg.name or f"meta-{settings.algorithm}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir, info = prepare_run_dir(cfg, name, storage)
+    workdir = Path(str(cfg.workdir)).resolve()
+    pools = {task.name: (task, training_records(cfg, task, workdir)) for task in tasks}
+    resolved = to_container(cfg)
+    if info is not None:
+        tracker = Tracker(info["tracking_uri"], info["mlflow_run_id"])
+    else:
+        every = [r for _, (train_records, val_records) in pools.values() for r in train_records + val_records]
+        tags = {"job": "meta", "algorithm": str(settings.algorithm), "genotype": genotype.name,
+                "tasks": ",".join(sorted(pools)), "exclude": ",".join(str(e) for e in settings.exclude),
+                "dataset_fingerprint": fingerprint(every)}
+        tracker = Tracker.start({**resolved["tracking"], "uri": tracking_uri(cfg.tracking.uri)}, name, tags,
+                                cfg.parent_run_id)
+        tracker.log_config(resolved)
+        tracker.log_text(genotype.to_json(), "genotype/genotype.json")
+        tracker.log_text(json.dumps({n: {"train": [r.name for r in tr], "val": [r.name for r in va]}
+                                     for n, (_, (tr, va)) in pools.items()}, indent=1), "data/split.json")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_run_info(run_dir, {"mlflow_run_id": tracker.run_id, "tracking_uri": tracker.uri, "name": name})
+    loop_config = {
+        "backend": cfg.cluster.backend, "run_dir": str(run_dir), "meta": resolved["meta"],
+        "genotype": genotype.to_dict(),
+        "tasks": {n: {"task": task_config(n), "records": [dataclasses.asdict(r) for r in train_records]}
+                  for n, (_, (train_records, _)) in pools.items()},
+        "tracking_uri": tracker.uri, "mlflow_run_id": tracker.run_id,
+        "threads_per_worker": int(cfg.cluster.cpus_per_worker),
+    }
+    print(f"meta-training {genotype.name} with {settings.algorithm} on {', '.join(sorted(pools))}: "
+          f"{settings.steps} outer steps of {settings.meta_batch} tasks, {workers} worker(s), run {name} "
+          f"(MLflow {tracker.run_id})")
+    try:
+        if cfg.cluster.backend == "local":
+            meta_worker(loop_config)
+        else:
+            fit_with_ray(cfg, meta_worker, loop_config, name, storage, workers, use_gpu)
+    except BaseException:
+        tracker.finish("FAILED")
+        raise
+    tracker.finish()
+    metrics = tracker.client.get_run(tracker.run_id).data.metrics
+    print(f"done: MLflow run {tracker.run_id}; adapt with: timfusion adapt task=... init={tracker.run_id}")
+    return {"run_id": tracker.run_id, "name": name, "metrics": metrics, "tracking_uri": tracker.uri}
+
+
+def multitask_config(cfg: DictConfig) -> DictConfig:
+    """The ``meta`` job config of the multitask baseline for an adapt run: the same tasks, data and
+    cluster as ``cfg.meta`` names, joint training, as many forward/backward passes as ``cfg.meta``'s
+    algorithm would spend."""
+    from timfusion.meta.algorithms import META_ALGORITHMS
+
+    settings = cfg.meta
+    passes = META_ALGORITHMS.get(str(settings.algorithm)).passes_per_task(int(settings.inner_steps))
+    base = compose("meta", [])
+    with open_dict(base):
+        for key in ("paths", "tracking", "cluster", "data", "meta"):
+            base[key] = OmegaConf.create(to_container(cfg[key]))
+        base.meta.algorithm = "multitask"
+        base.meta.steps = int(settings.steps) * passes
+        base.workdir = str(cfg.workdir)
+        base.name = None
+    return base
+
+
+@command("adapt", config="adapt", summary="fine-tune from a meta-initialization (or random, multitask) with the trainer")
+def adapt(cfg: DictConfig) -> dict[str, Any]:
+    from timfusion.platform.models import model_file
+    from timfusion.search_spaces.genotype import load_genotype
+    from timfusion.search_spaces.network import load_model
+
+    init = str(cfg.init)
+    tags = {"job": "adapt", "init": init}
+    if init == "random":
+        reference = None
+    elif init == "multitask":
+        check_meta_settings(cfg.meta)
+        baseline = meta(multitask_config(cfg))
+        reference, tags["init_run_id"] = f"runs:/{baseline['run_id']}", baseline["run_id"]
+    elif RUN_ID.fullmatch(init):
+        reference, tags["init_run_id"] = f"runs:/{init}", init
+    else:
+        reference = init
+        if init.startswith("runs:/"):
+            tags["init_run_id"] = init[len("runs:/"):].split("/")[0]
+    with open_dict(cfg):
+        if reference is None:
+            cfg.genotype = cfg.genotype or cfg.meta.genotype
+        else:
+            cfg.init_weights = reference
+            if not cfg.genotype:
+                _, stored, _ = load_model(model_file(reference, cfg.tracking.uri))
+                path = Path(str(cfg.workdir)).resolve() / "genotypes" / f"{stored.name}.json"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(stored.to_json())
+                cfg.genotype = str(path)
+        load_genotype(str(cfg.genotype))
+        cfg.tags = {**to_container(cfg.tags), **tags}
+    return train(cfg)

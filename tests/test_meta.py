@@ -1,0 +1,249 @@
+"""Meta-initialization (learn2learn MAML, first-order MAML, MetaSGD, Reptile, multitask) and adaptation."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+
+from timfusion.meta.algorithms import META_ALGORITHMS, build_algorithm, fusion_loss
+from timfusion.meta.sampler import TaskSampler, included_tasks
+from timfusion.platform.config import compose, task_config
+from timfusion.platform.errors import UserError
+from timfusion.search_spaces.network import FusionNetwork
+from timfusion.tasks import build_task
+
+TASKS = ["ir_vis", "mri_ct", "multi_exposure", "multi_focus"]
+QUICK = [
+    "data.synthetic.n=6", "data.synthetic.size=[48,48]", "meta.crop=32", "meta.support=2", "meta.query=2",
+    "meta.inner_steps=1", "meta.log_every=1", "meta.checkpoint_every=2", f"meta.tasks=[{','.join(TASKS)}]",
+]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def pools(tmp_path_factory):
+    """Synthetic pairs of four task families, as the sampler's pools."""
+    from timfusion.tasks.datasets import load_records
+    from timfusion.tasks.synthetic import synthesize
+
+    out = {}
+    for name in TASKS:
+        task = build_task(task_config(name))
+        root = tmp_path_factory.mktemp(name)
+        synthesize(task.synthetic, root, n=4, seed=1, size=(40, 40))
+        out[name] = (task, load_records(str(root), task))
+    return out
+
+
+def _losses(pools):
+    return fusion_loss({name: task.build_loss() for name, (task, _) in pools.items()})
+
+
+@pytest.mark.parametrize("name", META_ALGORITHMS.names())
+class TestMetaAlgorithmConformance:
+    """What every registered meta-learning algorithm must do."""
+
+    def test_an_outer_step_changes_the_weights(self, name, pools):
+        network = FusionNetwork("compact")
+        algorithm = build_algorithm(name, network, inner_lr=0.01, inner_steps=2)
+        params = algorithm.parameters()
+        assert {id(p) for p in network.parameters()} <= {id(p) for p in params}
+        sampler = TaskSampler(pools, support=2, query=2, crop=32, seed=0)
+        before = [p.detach().clone() for p in network.parameters()]
+        losses = _losses(pools)
+        for _ in range(2):
+            task = sampler.sample()
+            pre, post = algorithm.accumulate(task, losses(task.task), 0.5)
+            assert torch.isfinite(torch.tensor([pre, post])).all()
+        assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in network.parameters())
+        torch.optim.Adam(params, lr=1e-3).step()
+        assert any(not torch.equal(p.detach(), b) for p, b in zip(network.parameters(), before, strict=True))
+
+    def test_its_state_round_trips(self, name):
+        algorithm = build_algorithm(name, FusionNetwork("compact"), inner_lr=0.02, inner_steps=1)
+        state = algorithm.state_dict()
+        other = build_algorithm(name, FusionNetwork("compact"), inner_lr=0.01, inner_steps=1)
+        other.load_state_dict(state)
+        for key, value in other.state_dict().items():
+            for mine, theirs in zip(value, state[key], strict=True):
+                torch.testing.assert_close(mine, theirs)
+
+    def test_bad_settings_are_user_errors(self, name):
+        with pytest.raises(UserError, match="inner_steps must be >= 1"):
+            build_algorithm(name, FusionNetwork("compact"), inner_lr=0.01, inner_steps=0)
+        with pytest.raises(UserError, match="inner_lr must be > 0"):
+            build_algorithm(name, FusionNetwork("compact"), inner_lr=0.0, inner_steps=1)
+
+
+def test_maml_lowers_the_mean_query_loss_over_a_few_outer_steps(pools):
+    from timfusion.search_spaces.supernet import load_search_space
+
+    torch.manual_seed(0)
+    # A regression-head network: the compact default starts as the activity rule, near the
+    # optimum of these losses already, so its query loss has little room to fall.
+    network = FusionNetwork(load_search_space("compact").genotype({}))
+    algorithm = build_algorithm("maml", network, inner_lr=0.01, inner_steps=1)
+    sampler = TaskSampler(pools, support=2, query=2, crop=32, seed=0)
+    tasks = [sampler.sample() for _ in range(4)]  # the same meta-batch every step: a clean signal
+    losses = _losses(pools)
+    optimizer = torch.optim.Adam(algorithm.parameters(), lr=3e-3)
+    means = []
+    for _ in range(8):
+        optimizer.zero_grad(set_to_none=True)
+        after = [algorithm.accumulate(task, losses(task.task), 1 / len(tasks))[1] for task in tasks]
+        means.append(sum(after) / len(after))
+        optimizer.step()
+    assert sum(means[-3:]) / 3 < 0.97 * means[0]
+
+
+def test_metasgd_learns_its_per_weight_rates(pools):
+    network = FusionNetwork("compact")
+    algorithm = build_algorithm("metasgd", network, inner_lr=0.01, inner_steps=1)
+    rates = [lr.detach().clone() for lr in algorithm.wrapper.lrs]
+    task = TaskSampler(pools, support=2, query=2, crop=32, seed=0).sample()
+    algorithm.accumulate(task, _losses(pools)(task.task), 1.0)
+    torch.optim.SGD(algorithm.parameters(), lr=1.0).step()
+    assert any(not torch.equal(lr.detach(), r) for lr, r in zip(algorithm.wrapper.lrs, rates, strict=True))
+
+
+def test_excluded_families_are_never_sampled(pools):
+    tasks = [task for task, _ in pools.values()]
+    kept = included_tasks(tasks, ["multi_focus"])
+    assert sorted(t.name for t in kept) == ["ir_vis", "mri_ct", "multi_exposure"]
+    sampler = TaskSampler({t.name: pools[t.name] for t in kept}, support=1, query=1, crop=16, seed=0)
+    drawn = {sampler.sample().task for _ in range(60)}
+    assert drawn == {"ir_vis", "mri_ct", "multi_exposure"}
+    medical = [build_task(task_config(n)) for n in ("mri_ct", "mri_pet", "mri_spect", "ir_vis")]
+    assert [t.name for t in included_tasks(medical, ["medical"])] == ["ir_vis"]
+    with pytest.raises(UserError, match="meta.exclude: multifocus not among"):
+        included_tasks(tasks, ["multifocus"])
+    with pytest.raises(UserError, match="leaves no task"):
+        included_tasks(tasks, TASKS)
+
+
+def test_families_are_drawn_evenly_not_by_variant_count(pools):
+    medical_records = pools["mri_ct"][1]
+    three_variants = {
+        "ir_vis": pools["ir_vis"],
+        **{name: (build_task(task_config(name)), medical_records) for name in ("mri_ct", "mri_pet", "mri_spect")},
+    }
+    sampler = TaskSampler(three_variants, support=1, query=1, crop=16, seed=0)
+    drawn = [sampler.sample().task for _ in range(300)]
+    assert 110 < drawn.count("ir_vis") < 190  # half, not a quarter
+    assert {"mri_ct", "mri_pet", "mri_spect"} <= set(drawn)
+
+
+def _meta(*overrides: str) -> dict:
+    from timfusion.platform.jobs.meta import meta
+
+    return meta(compose("meta", [*QUICK, *overrides]))
+
+
+def _adapt(*overrides: str) -> dict:
+    from timfusion.platform.jobs.meta import adapt
+
+    return adapt(compose("adapt", [
+        "data=synthetic", "data.synthetic.n=6", "data.synthetic.size=[48,48]", "train.crop=32",
+        "train.batch_size=2", "train.log_every=1", "train.warmup_steps=1", "guidance.weight=0", "cluster=none",
+        "train.val_max_pairs=1", *overrides,
+    ]))
+
+
+def _model_state(result: dict) -> dict:
+    from timfusion.platform.models import model_file
+    from timfusion.search_spaces.network import load_model
+
+    network, _, _ = load_model(model_file(f"runs:/{result['run_id']}", result["tracking_uri"]))
+    return network.state_dict()
+
+
+def test_meta_run_then_adapt_from_its_run_id_loads_its_weights_and_trains(workdir):
+    from mlflow.tracking import MlflowClient
+
+    meta_run = _meta("cluster=none", "meta.steps=3", "meta.meta_batch=2", "meta.exclude=[multi_focus]", "name=m1")
+    client = MlflowClient(meta_run["tracking_uri"])
+    run = client.get_run(meta_run["run_id"])
+    assert run.data.tags["tasks"] == "ir_vis,mri_ct,multi_exposure" and run.data.tags["final_step"] == "3"
+    assert "query_loss/after" in run.data.metrics and "query_loss/multi_focus" not in run.data.metrics
+    init = _model_state(meta_run)
+    assert any(not torch.equal(v, FusionNetwork("compact").state_dict()[k]) for k, v in init.items())
+
+    # lr ~ 0: the adapted weights are the meta-initialization's, so it was loaded (strictly);
+    # batch-norm running statistics (buffers) move with any training forward pass.
+    frozen = _adapt("task=multi_focus", f"init={meta_run['run_id']}", "steps=1", "train.lr=1e-20", "name=a0")
+    weights = {name for name, _ in FusionNetwork("compact").named_parameters()}
+    adapted = _model_state(frozen)
+    for key in weights:
+        torch.testing.assert_close(adapted[key], init[key], rtol=0, atol=1e-6)
+    tags = client.get_run(frozen["run_id"]).data.tags
+    assert tags["job"] == "adapt" and tags["init_run_id"] == meta_run["run_id"]
+
+    trained = _adapt("task=multi_focus", f"init=runs:/{meta_run['run_id']}", "steps=3", "name=a1")
+    assert client.get_run(trained["run_id"]).data.tags["final_step"] == "3"
+    assert any(not torch.equal(v, init[k]) for k, v in _model_state(trained).items())
+
+
+def test_a_genotype_mismatch_between_init_and_network_is_a_clear_error(workdir):
+    meta_run = _meta("cluster=none", "meta.steps=1", "meta.meta_batch=1", "meta.algorithm=fomaml", "name=m2")
+    with pytest.raises(UserError, match="genotype 'compact' is not the requested genotype 'tim_light'"):
+        _adapt("task=ir_vis", f"init={meta_run['run_id']}", "genotype=tim_light", "steps=1", "name=a2")
+
+
+def test_adapt_from_multitask_trains_the_baseline_with_matching_compute(workdir):
+    from mlflow.tracking import MlflowClient
+
+    result = _adapt("task=multi_focus", "init=multitask", "meta.steps=2", "meta.inner_steps=1", "meta.meta_batch=1",
+                    "meta.crop=32", "meta.support=2", "meta.query=2", "meta.exclude=[multi_focus]", "steps=1",
+                    "name=a3")
+    client = MlflowClient(result["tracking_uri"])
+    baseline = client.get_run(client.get_run(result["run_id"]).data.tags["init_run_id"])
+    assert baseline.data.tags["algorithm"] == "multitask" and baseline.data.tags["final_step"] == "4"
+    assert "multi_focus" not in baseline.data.tags["tasks"]
+
+
+def test_meta_on_two_ray_train_workers_averages_and_checkpoints(ray_cluster, workdir):
+    from mlflow.tracking import MlflowClient
+
+    result = _meta("cluster.num_workers=2", "meta.steps=2", "meta.meta_batch=2", "meta.algorithm=fomaml",
+                   "name=m3")
+    run = MlflowClient(result["tracking_uri"]).get_run(result["run_id"])
+    assert run.data.tags["final_step"] == "2" and run.data.metrics["query_loss/after"] > 0
+    assert list((workdir / "runs" / "ray" / "m3").rglob("state.pt"))
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("meta.algorithm=anil", "unknown meta-learning algorithm 'anil'; known: fomaml, maml, metasgd"),
+        ("meta.inner_steps=0", "meta.inner_steps must be >= 1"),
+        ("meta.exclude=[thermal]", "meta.exclude: thermal not among"),
+        ("meta.tasks=[ir_vis,sonar]", "task 'sonar': unknown; valid choices:"),
+        ("meta.meta_batch=1", "meta.meta_batch=1: fewer tasks than the 2 workers"),
+    ],
+)
+def test_bad_meta_configs_fail_before_any_work(workdir, override, expected):
+    with pytest.raises(UserError, match=expected.replace("(", r"\(").replace("[", r"\[")):
+        _meta("cluster.num_workers=2", override)
+    assert not (workdir / "runs").exists()
+
+
+def test_initial_weights_state_is_the_files_state_dict(tmp_path):
+    from timfusion.platform.jobs.train import initial_weights
+    from timfusion.search_spaces.genotype import load_genotype
+    from timfusion.search_spaces.network import save_model
+
+    network = FusionNetwork("compact")
+    save_model(tmp_path / "model.pt", network, load_genotype("compact"), {"name": "meta-init"})
+    state = torch.load(io.BytesIO(initial_weights(str(tmp_path / "model.pt"), load_genotype("compact"), None)),
+                       weights_only=True)
+    assert state.keys() == network.state_dict().keys()
