@@ -9,12 +9,17 @@ Usage::
 For each family held out in turn (``meta.exclude=[FAMILY]``), on the real data of
 ../shared/data (``--data task``; ``synthetic`` for a quick look):
 
+The network is ``--genotype`` (default ``compact_regression``: the compact default starts
+as the activity rule, near the optimum of every family's loss, so no initialization could
+help it).
+
 1. ``timfusion meta`` learns the initialization on the other families (``--algorithm``,
    ``--meta-steps`` outer steps; the meta defaults otherwise), in-process on all threads;
 2. the multitask baseline: ``timfusion meta meta.algorithm=multitask`` on the same
    families with as many forward/backward passes (``adapt init=multitask``'s rule);
 3. ``timfusion adapt`` to the held-out family from each: meta-init and multitask for
    ``--adapt-steps``, random for ``--random-steps``, validating every ``--val-every`` steps
+   (random init: every ``--random-val-every``)
    on the family's validation pairs (fusion loss, VIF, Qabf); step 0 is the
    initialization itself, validated the same way.
 
@@ -42,6 +47,7 @@ from timfusion.platform.report import text_table
 
 REPO = Path(__file__).resolve().parents[1]
 FAMILIES = ["ir_vis", "medical", "multi_exposure", "multi_focus"]
+GENOTYPE = "compact_regression"  # the compact default starts as the activity rule: nothing to adapt
 META_TASKS = ["ir_vis", "mri_ct", "mri_pet", "mri_spect", "multi_exposure", "multi_focus"]
 CHECKPOINTS = [0, 10, 50, 200]
 VAL = ["loss", "VIF", "Qabf"]
@@ -54,14 +60,16 @@ def _common(args: argparse.Namespace, workdir: Path) -> list[str]:
 
 
 def _meta_overrides(args: argparse.Namespace, family: str) -> list[str]:
-    return [f"meta.algorithm={args.algorithm}", f"meta.steps={args.meta_steps}", f"meta.exclude=[{family}]",
+    return [f"meta.genotype={args.genotype}", f"meta.algorithm={args.algorithm}", f"meta.steps={args.meta_steps}",
+            f"meta.exclude=[{family}]",
             f"meta.tasks=[{','.join(META_TASKS)}]", f"meta.seed={args.seed}"]
 
 
-def _adapt_overrides(args: argparse.Namespace, steps: int) -> list[str]:
-    return [f"steps={steps}", f"train.val_every={args.val_every}", "train.val_max_pairs=4", "val_metrics=[VIF,Qabf]",
+def _adapt_overrides(args: argparse.Namespace, steps: int, val_every: int | None = None) -> list[str]:
+    val_every = val_every or args.val_every
+    return [f"steps={steps}", f"train.val_every={val_every}", "train.val_max_pairs=4", "val_metrics=[VIF,Qabf]",
             "guidance.weight=0", f"train.crop={args.crop}", f"train.batch_size={args.batch}",
-            f"train.checkpoint_every={steps}", f"train.log_every={args.val_every}", f"train.seed={args.seed}"]
+            f"train.checkpoint_every={steps}", f"train.log_every={val_every}", f"train.seed={args.seed}"]
 
 
 def curve(run: dict[str, Any]) -> dict[str, list[tuple[int, float]]]:
@@ -81,7 +89,8 @@ def step_zero(reference: str | None, family: str, args: argparse.Namespace, work
     from timfusion.platform.training import validate
     from timfusion.search_spaces.network import FusionNetwork, load_model
 
-    cfg = compose("adapt", [*_common(args, workdir), f"task={family}", *_adapt_overrides(args, 1)])
+    cfg = compose("adapt", [*_common(args, workdir), f"task={family}", f"meta.genotype={args.genotype}",
+                            *_adapt_overrides(args, 1)])
     task = task_from(cfg)
     _, val_records = training_records(cfg, task, Path(str(cfg.workdir)).resolve())
     if reference is None:
@@ -119,8 +128,10 @@ def held_out(family: str, args: argparse.Namespace, workdir: Path) -> dict[str, 
                               "meta_seconds": meta_seconds, "multitask_seconds": multitask_seconds, "inits": {}}
     for label, run_id in inits.items():
         steps = args.random_steps if label == "random" else args.adapt_steps
+        val_every = args.random_val_every if label == "random" else args.val_every
         run = adapt(compose("adapt", [*common, f"task={family}", f"init={run_id or 'random'}",
-                                      *_adapt_overrides(args, steps), f"name=adapt-{family}-{label}"]))
+                                      f"meta.genotype={args.genotype}",
+                                      *_adapt_overrides(args, steps, val_every), f"name=adapt-{family}-{label}"]))
         points = curve(run)
         zero = step_zero(f"runs:/{run_id}" if run_id else None, family, args, workdir)
         for metric in VAL:
@@ -159,10 +170,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--families", nargs="+", default=FAMILIES)
     parser.add_argument("--algorithm", default="maml")
+    parser.add_argument("--genotype", default=GENOTYPE, help="the network whose initialization is learned")
     parser.add_argument("--meta-steps", type=int, default=100)
     parser.add_argument("--adapt-steps", type=int, default=200)
     parser.add_argument("--random-steps", type=int, default=1000)
-    parser.add_argument("--val-every", type=int, default=10)
+    parser.add_argument("--val-every", type=int, default=10, help="validation interval of meta/multitask adaptation")
+    parser.add_argument("--random-val-every", type=int, default=10, help="validation interval of random init")
     parser.add_argument("--crop", type=int, default=64)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--data", default="task", choices=["task", "synthetic"])
