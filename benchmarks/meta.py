@@ -187,7 +187,17 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="timfusion-meta-bench-")).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     os.chdir(workdir)
-    results = [held_out(family, args, workdir) for family in args.families]
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    results = []
+    for family in args.families:  # the JSON is rewritten after each family: a long run keeps what it has
+        results.append(held_out(family, args, workdir))
+        report(results, args, out, workdir)
+    return 0
+
+
+def report(results: list[dict[str, Any]], args: argparse.Namespace, out: Path, workdir: Path) -> None:
+    """Print the tables and (re)write the JSON and the PNG for the families done so far."""
     rows, reach = [], []
     for result in results:
         for label, entry in result["inits"].items():
@@ -212,8 +222,6 @@ def main(argv: list[str] | None = None) -> int:
     print(text_table(rows, list(rows[0])))
     print(text_table(reach, list(reach[0])))
     print(json.dumps(targets, indent=1))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     plot(results, out.with_suffix(".png"))
     payload = {"machine": f"{os.cpu_count()} CPUs, torch {torch.__version__}", "args": vars(args),
                "results": results, "targets": targets, "workdir": str(workdir)}
@@ -221,7 +229,6 @@ def main(argv: list[str] | None = None) -> int:
     partial.write_text(json.dumps(payload, indent=2) + "\n")
     os.replace(partial, out)
     print(f"wrote {out} and {out.with_suffix('.png')}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -74,7 +74,8 @@ def _meta_and_adapt(cfg: DictConfig, workdir: Path, tracking: str) -> dict[str, 
     stamp = time.strftime('%Y%m%d-%H%M%S')
     meta_run = meta(compose("meta", [
         *data, "cluster=local", f"cluster.num_workers={spec.workers}", f"workdir={workdir / 'meta'}",
-        f"meta.algorithm={spec.algorithm}", f"meta.tasks={_list(spec.tasks)}", f"meta.exclude=[{spec.held_out}]",
+        f"meta.genotype={spec.genotype}", f"meta.algorithm={spec.algorithm}", f"meta.tasks={_list(spec.tasks)}",
+        f"meta.exclude=[{spec.held_out}]",
         f"meta.steps={spec.steps}", f"meta.meta_batch={spec.meta_batch}", f"meta.crop={spec.crop}",
         f"name=run-meta-{stamp}",
     ]))
@@ -82,6 +83,7 @@ def _meta_and_adapt(cfg: DictConfig, workdir: Path, tracking: str) -> dict[str, 
     for label, init in (("meta-init", meta_run["run_id"]), ("random init", "random")):
         run = adapt(compose("adapt", [
             *data, "cluster=none", f"workdir={workdir / 'adapt'}", f"task={spec.held_out}", f"init={init}",
+            f"meta.genotype={spec.genotype}",
             f"steps={spec.adapt_steps}", f"train.val_every={spec.val_every}", f"train.log_every={spec.val_every}",
             f"train.checkpoint_every={spec.adapt_steps}", f"train.crop={spec.crop}", "train.batch_size=4",
             "train.val_max_pairs=2", "val_metrics=[VIF,Qabf]", "guidance.weight=0",
