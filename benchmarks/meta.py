@@ -157,6 +157,7 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
             ax.plot(steps, losses, label=f"{label} init")
         ax.axhline(result["random_final_loss"], color="grey", linestyle=":", linewidth=1)
         ax.set_xscale("symlog", linthresh=10)
+        ax.set_xlim(left=0)
         ax.set_title(f"held out: {result['family']}")
         ax.set_xlabel("adaptation steps")
         ax.set_ylabel("validation fusion loss")
