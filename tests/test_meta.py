@@ -247,3 +247,18 @@ def test_initial_weights_state_is_the_files_state_dict(tmp_path):
     state = torch.load(io.BytesIO(initial_weights(str(tmp_path / "model.pt"), load_genotype("compact"), None)),
                        weights_only=True)
     assert state.keys() == network.state_dict().keys()
+
+
+def test_a_resumed_meta_run_continues_from_its_checkpoint(workdir):
+    from mlflow.tracking import MlflowClient
+
+    first = _meta("cluster=none", "meta.steps=2", "meta.meta_batch=1", "meta.algorithm=reptile", "name=m4")
+    again = _meta("cluster=none", "meta.steps=4", "meta.meta_batch=1", "meta.algorithm=reptile", "name=m4",
+                  "resume=true")
+    assert again["run_id"] == first["run_id"]
+    client = MlflowClient(again["tracking_uri"])
+    assert client.get_run(again["run_id"]).data.tags["final_step"] == "4"
+    steps = sorted(m.step for m in client.get_metric_history(again["run_id"], "query_loss/after"))
+    assert steps == [1, 2, 3, 4]  # steps 1-2 from the first run, 3-4 after the resume: none repeated
+    with pytest.raises(UserError, match="resume=true: no run 'm5'"):
+        _meta("cluster=none", "meta.steps=1", "meta.meta_batch=1", "name=m5", "resume=true")
