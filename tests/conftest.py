@@ -49,3 +49,15 @@ def workdir(tmp_path, monkeypatch):
     """The test's working directory (runs/, outputs/ land here)."""
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread and seed 0 for the test (restored after): small CPU models, same numbers."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    yield
+    torch.set_num_threads(threads)

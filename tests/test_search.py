@@ -20,14 +20,7 @@ from timfusion.search_spaces.supernet import (
 )
 from timfusion.tasks.losses import FusionLoss
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _batch(n: int = 2, size: int = 24, seed: int = 0) -> dict[str, torch.Tensor]:

@@ -15,9 +15,9 @@ from timfusion.platform.config import compose, task_config, to_container
 from timfusion.platform.errors import UserError
 from timfusion.platform.jobs import command
 from timfusion.platform.jobs.train import (
-    fit_with_ray,
     prepare_run_dir,
     resolve_workers,
+    run_workers,
     storage_root,
     train,
     training_records,
@@ -97,14 +97,7 @@ def meta(cfg: DictConfig) -> dict[str, Any]:
     print(f"meta-training {genotype.name} with {settings.algorithm} on {', '.join(sorted(pools))}: "
           f"{settings.steps} outer steps of {settings.meta_batch} tasks, {workers} worker(s), run {name} "
           f"(MLflow {tracker.run_id})")
-    try:
-        if cfg.cluster.backend == "local":
-            meta_worker(loop_config)
-        else:
-            fit_with_ray(cfg, meta_worker, loop_config, name, storage, workers, use_gpu)
-    except BaseException:
-        tracker.finish("FAILED")
-        raise
+    run_workers(cfg, meta_worker, loop_config, name, storage, workers, use_gpu, tracker)
     tracker.finish()
     metrics = tracker.client.get_run(tracker.run_id).data.metrics
     print(f"done: MLflow run {tracker.run_id}; adapt with: timfusion adapt task=... init={tracker.run_id}")

@@ -29,6 +29,7 @@ from timfusion.platform.training import read_run_info, write_run_info
 from timfusion.tasks.datasets import fingerprint
 from timfusion.tasks.imageio import atomic_write_bytes, atomic_write_text
 
+
 class SearchInterrupted(UserError):
     """The trials stopped before all finished (Ctrl-C, a lost driver): resume=true continues."""
 

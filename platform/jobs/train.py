@@ -155,14 +155,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     print(f"training {genotype.name} for {task.name}: {len(train_records)} train / {len(val_records)} val pairs, "
           f"{workers if cfg.cluster.backend == 'ray' else 1} worker(s), run {name} (MLflow {tracker.run_id})")
     started = time.perf_counter()
-    try:
-        if cfg.cluster.backend == "local":
-            train_worker(loop_config)
-        else:
-            fit_with_ray(cfg, train_worker, loop_config, name, storage, workers, use_gpu)
-    except BaseException:
-        tracker.finish("FAILED")
-        raise
+    run_workers(cfg, train_worker, loop_config, name, storage, workers, use_gpu, tracker)
     tracker.set_tags({"wall_seconds": f"{time.perf_counter() - started:.1f}"})
     tracker.finish()
     metrics = tracker.client.get_run(tracker.run_id).data.metrics
@@ -201,6 +194,20 @@ def initial_weights(reference: str, genotype: Any, tracking: str | None) -> byte
     buffer = io.BytesIO()
     torch.save(network.state_dict(), buffer)
     return buffer.getvalue()
+
+
+def run_workers(cfg: DictConfig, loop: Any, loop_config: dict, name: str, storage: str, workers: int,
+                use_gpu: bool, tracker: Tracker) -> None:
+    """Run ``loop`` in this process (``cluster.backend=local``) or on Ray Train workers; a failure
+    marks the MLflow run FAILED before it propagates."""
+    try:
+        if cfg.cluster.backend == "local":
+            loop(loop_config)
+        else:
+            fit_with_ray(cfg, loop, loop_config, name, storage, workers, use_gpu)
+    except BaseException:
+        tracker.finish("FAILED")
+        raise
 
 
 def fit_with_ray(cfg: DictConfig, loop: Any, loop_config: dict, name: str, storage: str, workers: int,
