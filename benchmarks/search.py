@@ -26,9 +26,12 @@ on this machine (all CPU threads, in this process; evaluation pauses the clock):
   scores it as the upper level does (fixed-patch validation fusion loss + cost_weight x
   normalised MACs), until the same budget is spent; its genotype is the best trial's.
 
-Each derived genotype is retrained with ``timfusion train`` (in-process, ``--retrain``
-seconds, the training defaults) and fuses the 21 VIFB pairs, scored with the tang
-metrics. Targets: ``implicit`` reaches ``darts``'s final validation loss in at most half
+The black box runs first; each gradient search then derives its genotype within the
+black box's MACs (``search.max_macs``, the budgeted derivation of
+:func:`~timfusion.search_spaces.bilevel.derive_genotype`; ``--no-match-macs`` turns it
+off), so the comparison is at equal or lower cost. Each derived genotype is retrained
+with ``timfusion train`` (in-process, ``--retrain`` seconds, the training defaults) and
+fuses the 21 VIFB pairs, scored with the tang metrics. Targets: ``implicit`` reaches ``darts``'s final validation loss in at most half
 ``darts``'s time, and the implicit genotype beats the black-box one (higher on at least
 two of VIFB's MI, Qabf, VIF) at equal or fewer MACs. Prints the table, writes the JSON
 and a PNG of the validation-loss curves beside it.
@@ -54,7 +57,7 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("TIMFUSION_SHARED", REPO.parent / "shared"))
 METHODS = ["first_order", "darts", "implicit", "tim", "darts@4"]
 METHOD_SETTINGS: dict[str, dict[str, Any]] = {
-    "implicit": {"upper_every": 4, "hypergrad_options": {"solver": "cg", "terms": 2}},
+    "implicit": {"upper_every": 4, "hypergrad_options": {"solver": "cg", "terms": 2, "hvp": "finite_difference"}},
 }
 # The search objective: the classic unsupervised IR/VIS loss (towards the brighter source's
 # intensity and the stronger gradient) on a regression head. Under the default ir_vis loss
@@ -90,16 +93,19 @@ def validation_loss(network, loss_fn, patches: dict[str, torch.Tensor], chunk: i
     return total / count
 
 
-def search_method(label: str, ctx: dict[str, Any], budget: float, eval_every: float) -> dict[str, Any]:
-    """One bilevel search for ``budget`` seconds; its curve and genotype. ``label`` is a
-    method name, or ``METHOD@K`` for that method with ``upper_every=K``."""
+def search_method(
+    label: str, ctx: dict[str, Any], budget: float, eval_every: float, max_macs: float | None
+) -> dict[str, Any]:
+    """One bilevel search for ``budget`` seconds; its curve and genotype (within ``max_macs``
+    at the search's cost size). ``label`` is a method name, or ``METHOD@K`` for that method
+    with ``upper_every=K``."""
     from timfusion.platform.searching import patch_batches
-    from timfusion.search_spaces.bilevel import BilevelSearch, SearchSettings
+    from timfusion.search_spaces.bilevel import BilevelSearch, SearchSettings, derive_genotype
     from timfusion.search_spaces.supernet import Supernet
 
     torch.manual_seed(ctx["seed"])
     method, _, every = label.partition("@")
-    values = {**ctx["search"], "hypergrad": method, **METHOD_SETTINGS.get(method, {})}
+    values = {**ctx["search"], "hypergrad": method, **METHOD_SETTINGS.get(method, {}), "max_macs": max_macs}
     if every:
         values["upper_every"] = int(every)
     settings = SearchSettings.from_config(values)
@@ -116,9 +122,11 @@ def search_method(label: str, ctx: dict[str, Any], budget: float, eval_every: fl
         if clock >= next_eval + eval_every or clock >= budget:
             next_eval = clock
             curve.append((clock, search.step_count, validation_loss(supernet, search.loss_fn, ctx["patches"])))
-    genotype = supernet.derive(max_skips=settings.max_skips, name=f"searched-{method}")
+    unbounded = supernet.derive(max_skips=settings.max_skips)
+    genotype = derive_genotype(supernet, settings, name=f"searched-{method}")
     return {"label": label, "settings": {"upper_every": settings.upper_every,
                                           "hypergrad_options": settings.hypergrad_options},
+            "unbounded_ops": _ops(unbounded), "max_macs": max_macs,
             "seconds": clock, "steps": search.step_count, "curve": curve, "final_val_loss": smoothed(curve)[-1][1],
             "genotype": genotype.to_dict(), "ops": _ops(genotype)}
 
@@ -258,6 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bb-trials", type=int, default=10, help="black-box trials in the budget")
     parser.add_argument("--eval-every", type=float, default=10.0, help="seconds of search between evaluations")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-match-macs", dest="match_macs", action="store_false",
+                        help="derive the searched genotypes without the black box's MACs as their budget")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "search.json"))
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--task-overrides", nargs="*", default=TASK_OVERRIDES,
@@ -289,14 +299,21 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(f"{len(train_records)} train / {len(val_records)} val pairs; space {ctx['space'].name}; "
           f"{args.budget:.0f} s per search, {args.retrain:.0f} s retraining; workdir {workdir}")
+    baseline = black_box(ctx, args.budget, args.bb_trials)
+    print(f"  black_box: {baseline['steps']} trials, best val loss {baseline['final_val_loss']:.5f}, "
+          f"{baseline['ops']}", flush=True)
+    from timfusion.search_spaces.genotype import Genotype
+    from timfusion.search_spaces.network import FusionNetwork, count_macs
+
+    # Equal-cost comparison: every gradient search derives within the black box's MACs.
+    max_macs = float(count_macs(FusionNetwork(Genotype.from_dict(baseline["genotype"])),
+                                *ctx["search"]["cost_size"], full=False)) if args.match_macs else None
     results = []
     for method in args.methods:
-        results.append(search_method(method, ctx, args.budget, args.eval_every))
+        results.append(search_method(method, ctx, args.budget, args.eval_every, max_macs))
         print(f"  {method}: {results[-1]['steps']} steps, val loss {results[-1]['final_val_loss']:.5f}, "
-              f"{results[-1]['ops']}", flush=True)
-    results.append(black_box(ctx, args.budget, args.bb_trials))
-    print(f"  black_box: {results[-1]['steps']} trials, best val loss {results[-1]['final_val_loss']:.5f}, "
-          f"{results[-1]['ops']}", flush=True)
+              f"{results[-1]['ops']} (unbounded {results[-1]['unbounded_ops']})", flush=True)
+    results.append(baseline)
     retrain_and_score(results, ctx, args.retrain, workdir)
 
     by_label = {r["label"]: r for r in results}

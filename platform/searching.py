@@ -85,7 +85,7 @@ def search_trial(config: dict[str, Any]) -> None:
     import ray.tune
 
     from timfusion.platform.tracking import Tracker
-    from timfusion.search_spaces.bilevel import BilevelSearch, alpha_heatmap
+    from timfusion.search_spaces.bilevel import BilevelSearch, alpha_heatmap, derive_genotype
     from timfusion.search_spaces.network import FusionNetwork, count_macs
     from timfusion.search_spaces.supernet import CostTable, Supernet
     from timfusion.tasks.heads import SegmentationHead
@@ -147,7 +147,7 @@ def search_trial(config: dict[str, Any]) -> None:
         metrics = {_metric_name(k): float(np.mean(v)) for k, v in window.items()}
         window.clear()
         expected_macs = float(supernet.expected_cost(macs_table).detach()) / macs_max
-        genotype = supernet.derive(max_skips=settings.max_skips, name=f"{space.name}-trial")
+        genotype = derive_genotype(supernet, settings, name=f"{space.name}-trial")
         macs = count_macs(FusionNetwork(genotype), *settings.cost_size, full=False)
         metrics.update(
             score=metrics["val_loss"] + penalty * expected_macs,

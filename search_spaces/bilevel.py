@@ -10,7 +10,7 @@ With supernet weights ``w`` and architecture weights ``alpha`` (:class:`~.supern
 is the supernet's expected cost (params or MACs per op, :class:`~.supernet.CostTable`)
 over its maximum, so ``lambda`` is on the scale of the losses. Against the known collapse
 onto parameter-free ops, alpha stays fixed for ``warmup_steps`` while the weights learn,
-and derivation caps skips (``max_skips``). ``upper_every`` takes that many lower steps per
+and derivation caps skips (``max_skips``) and, optionally, MACs (``max_macs``). ``upper_every`` takes that many lower steps per
 upper step: DARTS alternates one and one, while the implicit function theorem assumes
 the weights near their optimum for the current alpha, so the implicit method is meant to
 take several lower steps per hyperstep (Lorraine et al. 2020, Algorithm 1). Weights use Adam at ``weight_lr``; alphas Adam
@@ -34,7 +34,9 @@ import torch
 from torch import Tensor, nn
 
 from timfusion.platform.errors import UserError
+from timfusion.search_spaces.genotype import Genotype
 from timfusion.search_spaces.hypergrad import build_hypergrad
+from timfusion.search_spaces.network import FusionNetwork, count_macs
 from timfusion.search_spaces.supernet import CostTable, Supernet
 
 
@@ -54,6 +56,7 @@ class SearchSettings:
     max_skips: int | None = 2
     grad_clip: float = 1.0
     upper_every: int = 1
+    max_macs: float | None = None
 
     @classmethod
     def from_config(cls, data: Mapping[str, Any]) -> SearchSettings:
@@ -71,6 +74,8 @@ class SearchSettings:
                 raise UserError(f"search.{key} must be > 0, got {getattr(settings, key)}")
         if int(settings.upper_every) < 1:
             raise UserError(f"search.upper_every must be >= 1, got {settings.upper_every}")
+        if settings.max_macs is not None and not float(settings.max_macs) > 0:
+            raise UserError(f"search.max_macs must be > 0 or null, got {settings.max_macs}")
         for key in ("cost_weight", "guidance_weight"):
             if not float(getattr(settings, key)) >= 0:
                 raise UserError(f"search.{key} must be >= 0, got {getattr(settings, key)}")
@@ -197,6 +202,23 @@ class BilevelSearch:
         self.step_count = int(state["step"])
         history = state.get("history")
         self.history = list(history) if history is not None else []
+
+
+def derive_genotype(supernet: Supernet, settings: SearchSettings, name: str) -> Genotype:
+    """The search's discrete genotype: ``max_skips`` capped and, when ``max_macs`` is set,
+    within that many MACs at ``cost_size`` (the whole network's, as :func:`count_macs` counts)."""
+    if settings.max_macs is None:
+        return supernet.derive(max_skips=settings.max_skips, name=name)
+    size = tuple(settings.cost_size)
+    table = CostTable(supernet, "macs", size)
+    space = supernet.space
+    reference = {pos: space.candidates[0] for pos in space.positions()}
+    fixed = count_macs(FusionNetwork(space.genotype(reference)), *size, full=False) - table.cost_of(
+        reference, space.candidates
+    )
+    return supernet.derive(
+        max_skips=settings.max_skips, name=name, costs=table, max_cost=float(settings.max_macs) - fixed
+    )
 
 
 def alpha_heatmap(

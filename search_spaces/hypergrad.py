@@ -16,7 +16,8 @@ one class per method, registered in :data:`HYPERGRADS` under the ``hypergrad=`` 
 * ``implicit`` — the IFT formula with ``[d2f/dw2]^-1 dF/dw`` solved from exact
   Hessian-vector products: a truncated Neumann series ``eta sum_k (I - eta H)^k v``
   (Lorraine et al. 2020) or conjugate gradient (Rajeswaran et al. 2019), ``terms``
-  iterations; the mixed product by double backward.
+  iterations; Hessian-vector and mixed products by double backward or by finite
+  differences (``hvp=``).
 * ``tim`` — TIM's rank-one approximation (``../shared/REFERENCE.md``): with ``g_F = dF/dw``,
   ``g_f = df/dw`` and the constant ``c = <g_F, g_f> / <g_f, g_f>``, the direction is
   ``dF/dalpha + sign * eta * c * df/dalpha``. Sign: the public TIM code adds the term
@@ -45,6 +46,9 @@ from timfusion.platform.registry import Registry
 
 Loss = Callable[[], Tensor]
 """A closure evaluating a loss at the current parameters (a scalar with a graph)."""
+
+Products = Callable[[Sequence[Tensor]], tuple[list[Tensor], list[Tensor]]]
+"""``v -> (d2f/dw2 v, d2f/dalpha dw v)``: the lower loss's second-order products with ``v``."""
 
 HYPERGRADS: Registry[type[Hypergradient]] = Registry("hypergradient method")
 
@@ -137,78 +141,124 @@ class Implicit(Hypergradient):
     Neumann: ``p = eta sum_{k=0}^{terms} (I - eta H)^k g_F``, convergent when ``eta`` <
     2 / (largest eigenvalue of H). CG: ``terms`` conjugate-gradient iterations on ``H p = g_F``
     (H positive definite near a strict minimum), stopped early below ``tol``.
+
+    Each second-order product gives ``d2f/dw2 d`` and ``d2f/dalpha dw d`` together, so the
+    mixed term of ``p``, a linear combination of the products' directions, costs nothing
+    more for CG and one product more for Neumann. ``hvp="exact"`` takes them by double
+    backward; ``hvp="finite_difference"`` by central differences of ``df/d(w, alpha)`` at
+    ``w +- eps d`` (``eps = epsilon / |d|``, as DARTS): two plain backward passes instead of a
+    double backward, exact on quadratics and much cheaper on a supernet.
     """
 
     name = "implicit"
 
     def __init__(
-        self, weight_lr: float = 0.01, terms: int = 10, solver: str = "neumann", tol: float = 1e-10
+        self,
+        weight_lr: float = 0.01,
+        terms: int = 10,
+        solver: str = "neumann",
+        tol: float = 1e-10,
+        hvp: str = "exact",
+        epsilon: float = 0.01,
     ) -> None:
         super().__init__(weight_lr)
         if solver not in ("neumann", "cg"):
             raise UserError(f"hypergradient implicit: solver must be 'neumann' or 'cg', got {solver!r}")
+        if hvp not in ("exact", "finite_difference"):
+            raise UserError(
+                f"hypergradient implicit: hvp must be 'exact' or 'finite_difference', got {hvp!r}"
+            )
         if terms < 1:
             raise UserError(f"hypergradient implicit: terms must be >= 1, got {terms}")
+        if not epsilon > 0:
+            raise UserError(f"hypergradient implicit: epsilon must be > 0, got {epsilon}")
         self.terms, self.solver, self.tol = terms, solver, tol
+        self.hvp, self.epsilon = hvp, float(epsilon)
 
     def __call__(self, upper, lower, weights, alphas):
-        loss = upper()
-        both = _grads(loss, [*alphas, *weights])
+        both = _grads(upper(), [*alphas, *weights])
         direct, g_upper = both[: len(alphas)], both[len(alphas) :]
-        g_lower = _grads(lower(), weights, create_graph=True)
-        live = [i for i, g in enumerate(g_lower) if g.requires_grad]  # weights f's gradient depends on
-
-        def hvp(v: Sequence[Tensor]) -> list[Tensor]:
-            """``d2f/dw2 v``, keeping ``g_lower``'s graph for the next product and the mixed term."""
-            out = [torch.zeros_like(x) for x in v]
-            if live:
-                products = torch.autograd.grad(
-                    [g_lower[i] for i in live],
-                    list(weights),
-                    grad_outputs=[v[i] for i in live],
-                    retain_graph=True,
-                    allow_unused=True,
-                )
-                out = [
-                    torch.zeros_like(x) if h is None else h.detach() for x, h in zip(v, products, strict=True)
-                ]
-            return out
-
-        solve = self._neumann if self.solver == "neumann" else self._cg
-        p = solve(hvp, [g.detach() for g in g_upper])
-        mixed = (
-            _grads(_dot([g_lower[i] for i in live], [p[i] for i in live]), alphas)
-            if live
-            else [torch.zeros_like(a) for a in alphas]
+        products = (
+            self._exact_products(lower, weights, alphas)
+            if self.hvp == "exact"
+            else self._difference_products(lower, weights, alphas)
         )
+        solve = self._neumann if self.solver == "neumann" else self._cg
+        mixed = solve(products, [g.detach() for g in g_upper], alphas)
         return [d - m for d, m in zip(direct, mixed, strict=True)]
 
-    def _neumann(self, hvp, v: list[Tensor]) -> list[Tensor]:
+    @staticmethod
+    def _exact_products(lower: Loss, weights: Sequence[Tensor], alphas: Sequence[Tensor]) -> Products:
+        g_lower = _grads(lower(), weights, create_graph=True)
+        live = [i for i, g in enumerate(g_lower) if g.requires_grad]  # weights f's gradient depends on
+        params = [*weights, *alphas]
+
+        def products(v: Sequence[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+            if not live:
+                return [torch.zeros_like(x) for x in v], [torch.zeros_like(a) for a in alphas]
+            grads = torch.autograd.grad(
+                [g_lower[i] for i in live],
+                params,
+                grad_outputs=[v[i] for i in live],
+                retain_graph=True,
+                allow_unused=True,
+            )
+            out = [torch.zeros_like(p) if g is None else g.detach() for p, g in zip(params, grads, strict=True)]
+            return out[: len(weights)], out[len(weights) :]
+
+        return products
+
+    def _difference_products(
+        self, lower: Loss, weights: Sequence[Tensor], alphas: Sequence[Tensor]
+    ) -> Products:
+        saved = [w.detach().clone() for w in weights]
+        params = [*weights, *alphas]
+
+        def at(v: Sequence[Tensor], scale: float) -> list[Tensor]:
+            with torch.no_grad():
+                for w, s, d in zip(weights, saved, v, strict=True):
+                    w.copy_(s + scale * d)
+            try:
+                return _grads(lower(), params)
+            finally:
+                with torch.no_grad():
+                    for w, s in zip(weights, saved, strict=True):
+                        w.copy_(s)
+
+        def products(v: Sequence[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+            eps = self.epsilon / (float(_norm(v)) + 1e-12)
+            out = [(p - m) / (2 * eps) for p, m in zip(at(v, eps), at(v, -eps), strict=True)]
+            return out[: len(weights)], out[len(weights) :]
+
+        return products
+
+    def _neumann(self, products: Products, v: list[Tensor], alphas: Sequence[Tensor]) -> list[Tensor]:
         eta = self.weight_lr
         term = [x.clone() for x in v]
-        total = [x.clone() for x in v]
-        for _ in range(self.terms):
-            h = hvp(term)
-            term = [t - eta * hx for t, hx in zip(term, h, strict=True)]
-            total = [s + t for s, t in zip(total, term, strict=True)]
-        return [eta * s for s in total]
+        mixed = [torch.zeros_like(a) for a in alphas]
+        for k in range(self.terms + 1):
+            h, m = products(term)
+            mixed = [s + eta * mk for s, mk in zip(mixed, m, strict=True)]
+            if k < self.terms:
+                term = [t - eta * hx for t, hx in zip(term, h, strict=True)]
+        return mixed
 
-    def _cg(self, hvp, v: list[Tensor]) -> list[Tensor]:
-        x = [torch.zeros_like(t) for t in v]
+    def _cg(self, products: Products, v: list[Tensor], alphas: Sequence[Tensor]) -> list[Tensor]:
         r = [t.clone() for t in v]
         d = [t.clone() for t in v]
+        mixed = [torch.zeros_like(a) for a in alphas]
         rr = _dot(r, r)
         for _ in range(self.terms):
             if float(rr) <= self.tol:
                 break
-            hd = hvp(d)
+            hd, md = products(d)
             step = rr / (_dot(d, hd) + 1e-30)
-            x = [xi + step * di for xi, di in zip(x, d, strict=True)]
+            mixed = [s + step * mk for s, mk in zip(mixed, md, strict=True)]
             r = [ri - step * hi for ri, hi in zip(r, hd, strict=True)]
             rr_new = _dot(r, r)
             d = [ri + (rr_new / rr) * di for ri, di in zip(r, d, strict=True)]
             rr = rr_new
-        return x
+        return mixed
 
 
 @HYPERGRADS.register("tim")

@@ -318,13 +318,25 @@ class Supernet(nn.Module):
         """``softmax(alpha)`` of every position, one row each (for heatmaps and logs)."""
         return torch.stack([torch.softmax(a.detach(), dim=0) for a in self.arch_parameters()])
 
-    def derive(self, max_skips: int | None = None, name: str | None = None) -> Genotype:
-        """The discrete genotype: argmax per position, at most ``max_skips`` parameter-free ops."""
+    def derive(
+        self,
+        max_skips: int | None = None,
+        name: str | None = None,
+        costs: CostTable | None = None,
+        max_cost: float | None = None,
+    ) -> Genotype:
+        """The discrete genotype: argmax per position, at most ``max_skips`` parameter-free ops,
+        and with ``costs`` and ``max_cost``, at most that cost (in the table's units).
+
+        Over the budget, positions step down to cheaper candidates one at a time, each time
+        the step that gives up the least log-probability per unit of cost saved, so the
+        genotype stays as close to alpha's choice as the budget allows.
+        """
         probs = self.alpha_matrix()
         cands = self.space.candidates
         best = probs.argmax(dim=1).tolist()
+        free = [i for i, name in enumerate(cands) if name in PARAMETER_FREE]
         if max_skips is not None:
-            free = [i for i, name in enumerate(cands) if name in PARAMETER_FREE]
             skipped = [r for r, k in enumerate(best) if k in free]
             if len(skipped) > max_skips:
                 masked = probs.clone()
@@ -332,5 +344,40 @@ class Supernet(nn.Module):
                 margin = {r: float(probs[r, best[r]] - masked[r].max()) for r in skipped}
                 for r in sorted(skipped, key=margin.get)[: len(skipped) - max_skips]:
                     best[r] = int(masked[r].argmax())
+        if max_cost is not None:
+            if costs is None:
+                raise ValueError("derive: max_cost needs the cost table it is measured in")
+            best = self._within_budget(probs, best, costs, float(max_cost), max_skips, free)
         choice = {pos: cands[k] for pos, k in zip(self.space.positions(), best, strict=True)}
         return self.space.genotype(choice, name=name or f"{self.space.name}-derived")
+
+    def _within_budget(
+        self,
+        probs: Tensor,
+        best: list[int],
+        costs: CostTable,
+        max_cost: float,
+        max_skips: int | None,
+        free: list[int],
+    ) -> list[int]:
+        table = torch.stack([costs.costs[_alpha_key(p, q)] for p, q in self.space.positions()])
+        logp = torch.log(probs.double().clamp_min(1e-30))
+        best = list(best)
+        while float(sum(table[r, k] for r, k in enumerate(best))) > max_cost:
+            skips = sum(k in free for k in best)
+            moves = [
+                (float(logp[r, k_old] - logp[r, k]) / float(table[r, k_old] - table[r, k]), r, k)
+                for r, k_old in enumerate(best)
+                for k in range(table.shape[1])
+                if table[r, k] < table[r, k_old]
+                and not (k in free and max_skips is not None and skips >= max_skips and k_old not in free)
+            ]
+            if not moves:
+                cheapest = float(sum(table[r, k] for r, k in enumerate(best)))
+                raise UserError(
+                    f"search: no genotype of {self.space.name} costs at most {max_cost:.4g} "
+                    f"{costs.kind} with at most {max_skips} skips (cheapest reachable {cheapest:.4g})"
+                )
+            _, row, k = min(moves)
+            best[row] = k
+        return best

@@ -116,6 +116,20 @@ def test_implicit_with_enough_terms_matches_the_exact_hypergradient(solver, term
         torch.testing.assert_close(grad, problem.exact(), rtol=1e-6, atol=1e-9)
 
 
+@pytest.mark.parametrize("solver, terms", [("cg", 3), ("neumann", 5)])
+def test_finite_difference_products_match_the_exact_ones(solver, terms):
+    """On a quadratic lower level central differences are exact: both product modes agree."""
+    problem = Ridge()
+    lr = 1.0 / problem.largest_curvature()
+    grads = {
+        hvp: build_hypergrad("implicit", weight_lr=lr, solver=solver, terms=terms, hvp=hvp)(
+            problem.upper, problem.lower, [problem.w], [problem.alpha]
+        )[0]
+        for hvp in ("exact", "finite_difference")
+    }
+    torch.testing.assert_close(grads["finite_difference"], grads["exact"], rtol=1e-5, atol=1e-9)
+
+
 def test_neumann_error_shrinks_with_more_terms():
     problem = Ridge()
     exact = problem.exact()
@@ -152,6 +166,8 @@ def test_tim_sign_is_checked_and_both_signs_are_measured(capsys):
     [
         ("implicit", {"solver": "lu"}, "solver must be 'neumann' or 'cg'"),
         ("implicit", {"terms": 0}, "terms must be >= 1"),
+        ("implicit", {"hvp": "bfgs"}, "hvp must be 'exact' or 'finite_difference'"),
+        ("implicit", {"epsilon": 0.0}, "epsilon must be > 0"),
         ("darts", {"weight_lr": 0.0}, "weight_lr must be > 0"),
     ],
 )

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from timfusion.platform.errors import UserError
-from timfusion.search_spaces.bilevel import BilevelSearch, SearchSettings, alpha_heatmap
+from timfusion.search_spaces.bilevel import BilevelSearch, SearchSettings, alpha_heatmap, derive_genotype
 from timfusion.search_spaces.hypergrad import HYPERGRADS
-from timfusion.search_spaces.network import FusionNetwork
+from timfusion.search_spaces.network import FusionNetwork, count_macs
 from timfusion.search_spaces.supernet import (
     SEARCH_SPACES,
     CostTable,
@@ -82,6 +82,33 @@ def test_derivation_takes_the_argmax_and_caps_skips_by_margin():
     assert free == ["skip"] * 4
     capped = [op for _, c in supernet.derive(max_skips=1).cells() for op in c.ops]
     assert capped == ["res_3x3", "res_3x3", "res_3x3", "skip"]  # the most confident skip stays
+
+
+@pytest.mark.parametrize("name", SEARCH_SPACES())
+def test_a_macs_budget_bounds_the_derived_network_and_keeps_alphas_choice_when_it_fits(name):
+    supernet = Supernet(load_search_space(name), init_scale=1.0, seed=5)
+    size = (64, 64)
+    free = derive_genotype(supernet, SearchSettings(max_skips=1, cost_size=size), name="free")
+    free_macs = count_macs(FusionNetwork(free), *size, full=False)
+    roomy = derive_genotype(supernet, SearchSettings(max_skips=1, cost_size=size, max_macs=free_macs), name="free")
+    assert roomy.to_dict() == free.to_dict()
+    space, table = supernet.space, CostTable(supernet, "macs", size)
+    reference = {pos: space.candidates[0] for pos in space.positions()}
+    fixed = count_macs(FusionNetwork(space.genotype(reference)), *size, full=False) - table.cost_of(
+        reference, space.candidates
+    )
+    budget = free_macs - 0.3 * (free_macs - fixed)  # 30% of the searched ops' MACs less
+    tight = derive_genotype(supernet, SearchSettings(max_skips=1, cost_size=size, max_macs=budget), name="tight")
+    ops = [op for _, cell in tight.cells() for op in cell.ops]
+    assert count_macs(FusionNetwork(tight), *size, full=False) <= budget and ops.count("skip") <= 1
+
+
+def test_an_unreachable_macs_budget_is_a_user_error_naming_it():
+    supernet = Supernet(load_search_space("small"))
+    with pytest.raises(UserError, match="no genotype of small costs at most"):
+        derive_genotype(supernet, SearchSettings(max_skips=0, cost_size=(32, 32), max_macs=1.0), name="none")
+    with pytest.raises(UserError, match="search.max_macs must be > 0"):
+        SearchSettings.from_config({"max_macs": -5})
 
 
 def test_expected_cost_is_the_softmax_weighted_op_cost_and_falls_when_optimised():
