@@ -57,7 +57,7 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("TIMFUSION_SHARED", REPO.parent / "shared"))
 METHODS = ["first_order", "darts", "implicit", "tim", "darts@4"]
 METHOD_SETTINGS: dict[str, dict[str, Any]] = {
-    "implicit": {"upper_every": 4, "hypergrad_options": {"solver": "cg", "terms": 2, "hvp": "finite_difference"}},
+    "implicit": {"upper_every": 4, "hypergrad_options": {"solver": "cg", "terms": 1, "hvp": "finite_difference"}},
 }
 # The search objective: the classic unsupervised IR/VIS loss (towards the brighter source's
 # intensity and the stronger gradient) on a regression head. Under the default ir_vis loss

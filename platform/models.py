@@ -1,6 +1,7 @@
 """Model references users pass as ``model=``, resolved to a ready-to-run ``Fuser``.
 
 * ``baseline:NAME``: a classic fuser of ``timfusion.tasks.fusers.BASELINES``;
+* ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``: a registered model (platform/model_registry.py);
 * ``runs:/RUN_ID`` (or ``runs:/RUN_ID/path/model.pt``): a model an MLflow run logged
   (training logs ``model/model.pt``), from the configured tracking store;
 * a local path: a model file written by ``save_model``, or a folder holding ``model.pt``.
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -17,7 +19,14 @@ from timfusion.platform.errors import UserError
 from timfusion.tasks.base import FusionTask
 from timfusion.tasks.fusers import BASELINES, Fuser
 
-MODEL_FORMS = ("baseline:NAME", "runs:/RUN_ID", "PATH/model.pt", "a folder holding model.pt")
+if TYPE_CHECKING:
+    from timfusion.search_spaces.genotype import Genotype
+    from timfusion.search_spaces.network import FusionNetwork
+
+MODEL_FORMS = (
+    "baseline:NAME", "models:/NAME@ALIAS", "models:/NAME/VERSION", "runs:/RUN_ID", "PATH/model.pt",
+    "a folder holding model.pt",
+)
 MODEL_ARTIFACT = "model/model.pt"
 
 
@@ -43,6 +52,18 @@ def model_file(reference: str, tracking_uri: str | None = None) -> Path:
     return path
 
 
+def load_network(reference: str, tracking_uri: str | None = None) -> tuple[FusionNetwork, Genotype, dict]:
+    """A trained network (``models:/NAME@ALIAS``, ``models:/NAME/VERSION``, ``runs:/``, a
+    path) in eval mode, with its genotype and task config; registered models are checksummed."""
+    if reference.startswith("models:/"):
+        from timfusion.platform.model_registry import load_registered
+
+        return load_registered(reference, tracking_uri)
+    from timfusion.search_spaces.network import load_model
+
+    return load_model(model_file(reference, tracking_uri))
+
+
 def load_fuser(
     reference: str, task: FusionTask, device: torch.device | str = "cpu", tracking_uri: str | None = None
 ) -> Fuser:
@@ -50,10 +71,10 @@ def load_fuser(
     kind, _, name = str(reference).partition(":")
     if kind == "baseline" and name:
         fuser = BASELINES.get(name)()
-    elif str(reference).startswith("runs:/") or Path(str(reference)).suffix == ".pt" or Path(str(reference)).is_dir():
-        from timfusion.search_spaces.network import load_model
-
-        fuser, _, task_config = load_model(model_file(str(reference), tracking_uri))
+    elif str(reference).startswith(("runs:/", "models:/")) or Path(str(reference)).suffix == ".pt" or Path(
+        str(reference)
+    ).is_dir():
+        fuser, _, task_config = load_network(str(reference), tracking_uri)
         trained_for = task_config.get("name")
         if trained_for and trained_for != task.name and trained_for != getattr(task, "family", None):
             raise UserError(f"model={reference}: trained for task {trained_for!r}, not {task.name!r} "

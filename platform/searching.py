@@ -146,6 +146,8 @@ def search_trial(config: dict[str, Any]) -> None:
             continue
         metrics = {_metric_name(k): float(np.mean(v)) for k, v in window.items()}
         window.clear()
+        if "val_loss" not in metrics:  # no upper step in this window (the warm-up)
+            metrics["val_loss"] = search.validate(next(val_batches))
         expected_macs = float(supernet.expected_cost(macs_table).detach()) / macs_max
         genotype = derive_genotype(supernet, settings, name=f"{space.name}-trial")
         macs = count_macs(FusionNetwork(genotype), *settings.cost_size, full=False)

@@ -43,7 +43,8 @@ def git_commit() -> str:
         return "unknown"
 
 
-def _client(uri: str):
+def mlflow_client(uri: str):
+    """An ``MlflowClient`` for ``uri`` (telemetry off)."""
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     from mlflow.tracking import MlflowClient
 
@@ -52,7 +53,7 @@ def _client(uri: str):
 
 def ensure_experiment(uri: str, name: str, artifact_root: str | None = None) -> str:
     """The id of experiment ``name``, created (with its artifact location) if needed."""
-    client = _client(uri)
+    client = mlflow_client(uri)
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
@@ -74,7 +75,7 @@ class Tracker:
     def __init__(self, uri: str, run_id: str) -> None:
         self.uri = uri
         self.run_id = run_id
-        self.client = _client(uri)
+        self.client = mlflow_client(uri)
 
     @classmethod
     def start(
@@ -91,7 +92,7 @@ class Tracker:
         if parent_run_id:
             all_tags["mlflow.parentRunId"] = parent_run_id
             all_tags["parent_run_id"] = parent_run_id
-        run = _client(uri).create_run(experiment_id, run_name=run_name, tags=all_tags)
+        run = mlflow_client(uri).create_run(experiment_id, run_name=run_name, tags=all_tags)
         return cls(uri, run.info.run_id)
 
     def log_config(self, config: dict[str, Any]) -> None:
@@ -140,6 +141,6 @@ class Tracker:
 def resolve_run(uri: str, run_id: str) -> Any:
     """The MLflow run ``run_id``; an unknown id is a UserError."""
     try:
-        return _client(uri).get_run(run_id)
+        return mlflow_client(uri).get_run(run_id)
     except Exception as err:  # mlflow raises MlflowException with RESOURCE_DOES_NOT_EXIST
         raise UserError(f"run {run_id}: not found in {uri} ({err.__class__.__name__})") from None

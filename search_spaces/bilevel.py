@@ -132,8 +132,15 @@ class BilevelSearch:
             return torch.zeros(())
         return (self.supernet.expected_cost(self.costs) / self.cost_max).float()
 
+    def validate(self, val_batch: Mapping[str, Tensor]) -> float:
+        """The upper objective's fusion (+ guidance) part on ``val_batch``, without gradients."""
+        with torch.no_grad():
+            return float(self._objective(val_batch, guided=True))
+
     def step(self, train_batch: Mapping[str, Tensor], val_batch: Mapping[str, Tensor]) -> dict[str, float]:
-        """One lower-level step, then (after the warm-up) one upper-level step; the losses."""
+        """One lower-level step, then (after the warm-up, every ``upper_every``) one upper-level
+        step; the losses. ``loss/val`` comes with the upper steps only: it is the validation
+        objective the hypergradient evaluated first (no extra forward pass for logging)."""
         from timfusion.tasks.heads import segmentation_loss
 
         logged: dict[str, float] = {}
@@ -162,7 +169,9 @@ class BilevelSearch:
             weight = self.settings.cost_weight
 
             def upper() -> Tensor:
-                return self._objective(val_batch, guided=True) + weight * self.cost()
+                value = self._objective(val_batch, guided=True)
+                logged.setdefault("loss/val", float(value.detach()))
+                return value + weight * self.cost()
 
             def lower_closure() -> Tensor:
                 return self._objective(train_batch, guided=False)
@@ -173,8 +182,6 @@ class BilevelSearch:
             self.alpha_opt.step()
             for param in self.weights:
                 param.grad = None
-        with torch.no_grad():
-            logged["loss/val"] = float(self._objective(val_batch, guided=True))
         logged["cost"] = float(self.cost().detach()) if self.costs is not None else 0.0
         self.step_count += 1
         self.history.append(self.supernet.alpha_matrix().numpy())

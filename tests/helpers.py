@@ -25,3 +25,59 @@ def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """Run the real console script in a subprocess (exit codes, stderr, no state leaks)."""
     exe = Path(sys.executable).parent / "timfusion"
     return subprocess.run([str(exe), *args], capture_output=True, text=True, cwd=cwd, timeout=600)
+
+
+def model_run(uri: str, genotype: str = "compact", seed: int = 0, zero: bool = False, task: str = "ir_vis") -> str:
+    """A finished MLflow run holding ``model/model.pt`` as training logs it (seeded weights; ``zero``:
+    every weight 0, a network that fuses to a constant image)."""
+    import tempfile
+
+    import torch
+
+    from timfusion.platform.config import task_config
+    from timfusion.platform.tracking import Tracker
+    from timfusion.search_spaces.network import FusionNetwork, save_model
+
+    torch.manual_seed(seed)
+    network = FusionNetwork(genotype)
+    if zero:
+        with torch.no_grad():
+            for param in network.parameters():
+                param.zero_()
+    tracker = Tracker.start({"uri": uri, "experiment": "timfusion"}, f"train-{genotype}-{seed}",
+                            {"job": "train", "task": task, "genotype": genotype, "dataset_fingerprint": "f00d"})
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "model.pt"
+        save_model(path, network, network.genotype, task_config(task))
+        tracker.log_artifact(path, "model")
+    tracker.finish()
+    return tracker.run_id
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_http(url: str, proc, log: Path, timeout: float = 120.0) -> None:
+    """Poll ``url`` until it answers; a server that exits or stays silent fails with its log."""
+    import time
+    import urllib.error
+    import urllib.request
+
+    deadline = time.time() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except urllib.error.HTTPError:
+            return  # it answers, if not with 200
+        except OSError:
+            pass
+        if proc.poll() is not None or time.time() > deadline:
+            raise RuntimeError(f"{url} did not come up:\n{log.read_text()[-3000:]}")
+        time.sleep(0.5)
+

@@ -153,6 +153,7 @@ def test_a_bilevel_search_moves_the_alphas_with_every_hypergradient(method):
         logged = search.step(_batch(seed=step), _batch(seed=10 + step))
         assert all(torch.isfinite(torch.tensor(v)) for v in logged.values())
     assert set(logged) >= {"loss/train", "loss/val", "cost"}
+    assert logged["loss/val"] == pytest.approx(search.validate(_batch(seed=12)), rel=0.2)
     moved = [
         float((a.detach() - b).abs().max()) for a, b in zip(supernet.arch_parameters(), before, strict=True)
     ]
@@ -165,7 +166,8 @@ def test_alphas_stay_fixed_during_the_warm_up():
     search = BilevelSearch(supernet, _loss(), SearchSettings(hypergrad="first_order", warmup_steps=5))
     before = [a.detach().clone() for a in supernet.arch_parameters()]
     for step in range(3):
-        search.step(_batch(seed=step), _batch(seed=5))
+        logged = search.step(_batch(seed=step), _batch(seed=5))
+        assert "loss/val" not in logged  # no upper step, no validation forward
     assert all(torch.equal(a.detach(), b) for a, b in zip(supernet.arch_parameters(), before, strict=True))
 
 

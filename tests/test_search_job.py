@@ -45,6 +45,7 @@ def test_four_trials_two_at_a_time_log_a_child_run_each_and_retrain(ray_cluster,
         "cluster.max_concurrent_trials=2",
         "tune.asha.enabled=false",
         "name=four",
+        "register=true",
     )
     assert len(result["rows"]) == 4 and len({r["trial"] for r in result["rows"]}) == 4
     children = _children(result)
@@ -59,6 +60,10 @@ def test_four_trials_two_at_a_time_log_a_child_run_each_and_retrain(ray_cluster,
     FusionNetwork(genotype)
     assert json.loads(result["chosen"]["genotype"])["stage1"] == json.loads(genotype.to_json())["stage1"]
     assert (workdir / "outputs" / "search" / "four" / "trials.md").exists()
+    registered = result["registered"]  # register=true: the retrained model, with the search's lineage
+    assert registered["name"] == "timfusion-ir_vis" and registered["run_id"] == result["retrain"]["run_id"]
+    assert registered["tags"]["search_run_id"] == result["run_id"]
+    assert registered["tags"]["search_trial_run_id"] == result["chosen"]["mlflow_run_id"]
 
 
 def test_asha_stops_a_trial_that_scores_far_worse(ray_cluster, workdir):
@@ -116,6 +121,7 @@ def test_pareto_front_keeps_the_undominated_points():
         (["search.alpha_lr=0"], "search.alpha_lr must be > 0"),
         (["cluster=none"], "search runs its trials on Ray Tune"),
         (["trials=0"], "trials, steps and report_every must be >= 1"),
+        (["register=true", "retrain.enabled=false"], "register=true: registers the retrained genotype"),
     ],
 )
 def test_bad_search_configs_fail_before_ray_starts(workdir, overrides, expected):

@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from timfusion.platform.config import compose, task_config, to_container
 from timfusion.platform.errors import UserError
 from timfusion.platform.jobs import command
+from timfusion.platform.jobs.registry import register_after
 from timfusion.platform.jobs.train import (
     prepare_run_dir,
     resolve_workers,
@@ -101,7 +102,11 @@ def meta(cfg: DictConfig) -> dict[str, Any]:
     tracker.finish()
     metrics = tracker.client.get_run(tracker.run_id).data.metrics
     print(f"done: MLflow run {tracker.run_id}; adapt with: timfusion adapt task=... init={tracker.run_id}")
-    return {"run_id": tracker.run_id, "name": name, "metrics": metrics, "tracking_uri": tracker.uri}
+    result = {"run_id": tracker.run_id, "name": name, "metrics": metrics, "tracking_uri": tracker.uri}
+    registered = register_after(cfg, tracker.run_id, None)
+    if registered:
+        result["registered"] = registered
+    return result
 
 
 def multitask_config(cfg: DictConfig) -> DictConfig:
@@ -125,9 +130,8 @@ def multitask_config(cfg: DictConfig) -> DictConfig:
 
 @command("adapt", config="adapt", summary="fine-tune from a meta-initialization (or random, multitask) with the trainer")
 def adapt(cfg: DictConfig) -> dict[str, Any]:
-    from timfusion.platform.models import model_file
+    from timfusion.platform.models import load_network
     from timfusion.search_spaces.genotype import load_genotype
-    from timfusion.search_spaces.network import load_model
 
     init = str(cfg.init)
     tags = {"job": "adapt", "init": init}
@@ -149,7 +153,7 @@ def adapt(cfg: DictConfig) -> dict[str, Any]:
         else:
             cfg.init_weights = reference
             if not cfg.genotype:
-                _, stored, _ = load_model(model_file(reference, cfg.tracking.uri))
+                _, stored, _ = load_network(reference, cfg.tracking.uri)
                 path = Path(str(cfg.workdir)).resolve() / "genotypes" / f"{stored.name}.json"
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_text(stored.to_json())

@@ -99,6 +99,22 @@ def _meta_and_adapt(cfg: DictConfig, workdir: Path, tracking: str) -> dict[str, 
     return {"meta_run_id": meta_run["run_id"], "curves": curves}
 
 
+def _register_and_promote(cfg: DictConfig, run_id: str, workdir: Path, tracking: str) -> str:
+    """Register the trained run, promote it to @champion through the gate (a refusal keeps the
+    earlier champion of this store), and return the champion's ``models:/`` URI."""
+    from timfusion.platform.jobs.registry import promote, register
+    from timfusion.platform.model_registry import GateFailed
+
+    registered = register(compose("register", [f"run={run_id}", f"tracking.uri={tracking}"]))
+    name, version = registered["name"], registered["version"]
+    try:
+        promote(compose("promote", [f"name={name}", f"version={version}", f"gate={cfg.registry.gate}",
+                                    f"tracking.uri={tracking}", f"workdir={workdir / 'promote'}"]))
+    except GateFailed as refused:
+        print(f"  {refused}; the earlier champion stays")
+    return f"models:/{name}@champion"
+
+
 @command("run", config="run",
          summary="the main job: synthetic data -> baselines + trained network -> ranking")
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -117,9 +133,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                               f"out={fused_dir / name}", "overwrite=true"]))
     methods = list(cfg.baselines)
 
-    def fuse_trained(method: str, run_id: str) -> str:
-        """Fuse the evaluation pairs with a tracked run's model into fused/<method>."""
-        fuse(compose("fuse", [task, f"model=runs:/{run_id}", f"tracking.uri={tracking}",
+    def fuse_trained(method: str, model: str) -> str:
+        """Fuse the evaluation pairs with a tracked model (runs:/ or models:/) into fused/<method>."""
+        fuse(compose("fuse", [task, f"model={model}", f"tracking.uri={tracking}",
                               f"data.root={data_dir}", f"out={fused_dir / method}", "overwrite=true"]))
         return method
 
@@ -130,14 +146,18 @@ def run(cfg: DictConfig) -> dict[str, Any]:
               f"space {cfg.search.space}), then training its genotype")
         (workdir / "runs").mkdir(parents=True, exist_ok=True)
         searched = _search_and_train(cfg, task, workdir, tracking)
-        methods.append(fuse_trained("timfusion_searched", searched["retrain"]["run_id"]))
+        methods.append(fuse_trained("timfusion_searched", f"runs:/{searched['retrain']['run_id']}"))
         stage += 1
     if cfg.train.enabled:
+        registry = ", then registering it and promoting it to @champion behind the gate" if cfg.registry.enabled else ""
         print(f"[{stage}/{steps}] training {cfg.train.genotype} on Ray Train (synthetic {cfg.task.name}, "
-              f"at most {cfg.train.time_budget_s} s)")
+              f"at most {cfg.train.time_budget_s} s){registry}")
         (workdir / "runs").mkdir(parents=True, exist_ok=True)
         trained = _train_compact(cfg, task, workdir, tracking)
-        methods.append(fuse_trained(f"timfusion_{cfg.train.genotype}", trained["run_id"]))
+        model = f"runs:/{trained['run_id']}"
+        if cfg.registry.enabled:
+            model = trained["champion"] = _register_and_promote(cfg, trained["run_id"], workdir, tracking)
+        methods.append(fuse_trained(f"timfusion_{cfg.train.genotype}", model))
         stage += 1
     adapted = None
     if cfg.meta.enabled:

@@ -22,6 +22,7 @@ from timfusion.platform.config import compose, to_container
 from timfusion.platform.errors import UserError
 from timfusion.platform.jobs import command
 from timfusion.platform.jobs.common import task_from
+from timfusion.platform.jobs.registry import register_after
 from timfusion.platform.jobs.train import init_ray, storage_root, train, training_records
 from timfusion.platform.report import markdown_table
 from timfusion.platform.tracking import Tracker, tracking_uri
@@ -137,6 +138,8 @@ def search(cfg: DictConfig) -> dict[str, Any]:
     task = task_from(cfg)
     if int(cfg.trials) < 1 or int(cfg.steps) < 1 or int(cfg.report_every) < 1:
         raise UserError("trials, steps and report_every must be >= 1")
+    if cfg.register and not cfg.retrain.enabled:
+        raise UserError("register=true: registers the retrained genotype's model; set retrain.enabled=true")
     if cfg.cluster.backend != "ray":
         raise UserError(
             f"cluster={cfg.cluster.name}: search runs its trials on Ray Tune; use a Ray cluster config"
@@ -240,6 +243,9 @@ def search(cfg: DictConfig) -> dict[str, Any]:
         tracker.set_tags({"retrain_run_id": trained["run_id"]})
         result["retrain"] = trained
     tracker.finish()
+    registered = register_after(cfg, trained["run_id"], task.name) if cfg.retrain.enabled else None
+    if registered:
+        result["registered"] = registered
     print(
         f"search done: chosen {chosen['trial']} (score {chosen['score']:.4f}, "
         f"{chosen['macs'] / 1e6:.1f} MMACs); "

@@ -16,6 +16,7 @@ from timfusion.platform.config import shared_root, to_container
 from timfusion.platform.errors import UserError
 from timfusion.platform.jobs import command
 from timfusion.platform.jobs.common import task_from
+from timfusion.platform.jobs.registry import register_after
 from timfusion.platform.tracking import Tracker, tracking_uri
 from timfusion.platform.training import read_run_info, train_worker, write_run_info
 from timfusion.tasks import FusionTask
@@ -162,7 +163,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     print(f"done: MLflow run {tracker.run_id}; model runs:/{tracker.run_id}/model/model.pt\n"
           f"  fuse with: timfusion fuse model=runs:/{tracker.run_id} a=... b=... out=...\n"
           f"  browse:    mlflow ui --backend-store-uri {tracker.uri}")
-    return {"run_id": tracker.run_id, "name": name, "metrics": metrics, "tracking_uri": tracker.uri}
+    result = {"run_id": tracker.run_id, "name": name, "metrics": metrics, "tracking_uri": tracker.uri}
+    registered = register_after(cfg, tracker.run_id, task.name)
+    if registered:
+        result["registered"] = registered
+    return result
 
 
 def prepare_run_dir(cfg: DictConfig, name: str, storage: str) -> tuple[Path, dict[str, Any] | None]:
@@ -178,16 +183,15 @@ def prepare_run_dir(cfg: DictConfig, name: str, storage: str) -> tuple[Path, dic
 
 
 def initial_weights(reference: str, genotype: Any, tracking: str | None) -> bytes:
-    """The weights training starts from (``init_weights=``: a model file, folder or ``runs:/``),
-    as the bytes of a state dict; the file's genotype must be the run's."""
+    """The weights training starts from (``init_weights=``: a model file, folder, ``runs:/`` or
+    ``models:/``), as the bytes of a state dict; the file's genotype must be the run's."""
     import io
 
     import torch
 
-    from timfusion.platform.models import model_file
-    from timfusion.search_spaces.network import load_model
+    from timfusion.platform.models import load_network
 
-    network, stored, _ = load_model(model_file(str(reference), tracking))
+    network, stored, _ = load_network(str(reference), tracking)
     if stored.to_dict() | {"name": None} != genotype.to_dict() | {"name": None}:
         raise UserError(f"init_weights={reference}: its genotype {stored.name!r} is not the requested "
                         f"genotype {genotype.name!r} (pass genotype= matching the initialization)")
