@@ -193,6 +193,23 @@ def test_a_genotype_mismatch_between_init_and_network_is_a_clear_error(workdir):
         _adapt("task=ir_vis", f"init={meta_run['run_id']}", "genotype=tim_light", "steps=1", "name=a2")
 
 
+def test_a_registered_meta_init_is_timfusion_meta_init_and_adapt_starts_from_its_models_uri(workdir):
+    meta_run = _meta("cluster=none", "meta.steps=1", "meta.meta_batch=1", "meta.algorithm=fomaml", "name=m4",
+                     "register=true")
+    registered = meta_run["registered"]
+    assert registered["name"] == "timfusion-meta-init" and registered["tags"]["meta_init_run_id"] == meta_run["run_id"]
+    init = _model_state(meta_run)
+    frozen = _adapt("task=multi_focus", f"init=models:/timfusion-meta-init/{registered['version']}", "steps=1",
+                    "train.lr=1e-20", "name=a4")
+    adapted = _model_state(frozen)
+    for key, _ in FusionNetwork("compact").named_parameters():
+        torch.testing.assert_close(adapted[key], init[key], rtol=0, atol=1e-6)
+    from mlflow.tracking import MlflowClient
+
+    tags = MlflowClient(frozen["tracking_uri"]).get_run(frozen["run_id"]).data.tags
+    assert tags["init_run_id"] == meta_run["run_id"] and tags["init_model_version"] == "timfusion-meta-init/1"
+
+
 def test_adapt_from_multitask_trains_the_baseline_with_matching_compute(workdir):
     from mlflow.tracking import MlflowClient
 

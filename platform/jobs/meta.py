@@ -147,6 +147,14 @@ def adapt(cfg: DictConfig) -> dict[str, Any]:
         reference = init
         if init.startswith("runs:/"):
             tags["init_run_id"] = init[len("runs:/"):].split("/")[0]
+        elif init.startswith("models:/"):  # lineage: the run the registered version came from
+            from timfusion.platform.model_registry import get_version, parse_model_uri
+            from timfusion.platform.tracking import mlflow_client, tracking_uri
+
+            name, alias, number = parse_model_uri(init)
+            version = get_version(mlflow_client(tracking_uri(cfg.tracking.uri)), name, number, alias)
+            tags["init_run_id"] = version.run_id
+            tags["init_model_version"] = f"{name}/{version.version}"
     with open_dict(cfg):
         if reference is None:
             cfg.genotype = cfg.genotype or cfg.meta.genotype
