@@ -569,6 +569,13 @@ def promote(
     return result
 
 
+def _short(value: str) -> str:
+    try:
+        return f"{float(value):.4g}"
+    except ValueError:
+        return value
+
+
 def _tag_key(check: str) -> str:
     """A check's first word as a tag-key part (MLflow keys: letters, digits, ``_ . -``)."""
     return re.sub(r"[^\w.-]", "_", check.split(" ")[0])
@@ -594,11 +601,15 @@ def list_models(uri: str | None = None, name: str | None = None) -> list[dict[st
         for version in sorted(client.search_model_versions(f"name='{model.name}'"), key=lambda v: int(v.version)):
             tags = version.tags
             decisions = sorted((k, v) for k, v in tags.items() if k.endswith(".decision"))
+            checked = [(k[len("champion.check."):], v.split(" ")[0]) for k, v in sorted(tags.items())
+                       if k.startswith("champion.check.")]
+            gated = [(m, v) for m, v in checked if not m.startswith(("MACs", "latency", "loads"))]
             rows.append({
                 "name": model.name, "version": int(version.version),
                 "aliases": ",".join(sorted(aliases.get(str(version.version), []))) or "-",
                 "task": tags.get("task", "-"), "genotype": tags.get("genotype", "-"),
                 "MMACs@256": f"{int(tags['macs_256']) / 1e6:.1f}" if "macs_256" in tags else "-",
+                "gate metrics (@champion)": ", ".join(f"{m} {_short(v)}" for m, v in gated) or "-",
                 "last decision": "; ".join(f"{k.split('.')[0]}: {v}" for k, v in decisions) or "-",
                 "run": version.run_id or "-",
             })

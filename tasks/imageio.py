@@ -26,6 +26,14 @@ def is_url(path: str | os.PathLike) -> bool:
     return "://" in str(path)
 
 
+def path_exists(path: str | os.PathLike) -> bool:
+    """Whether a local path or fsspec URL exists (outputs are checked before any work)."""
+    if is_url(path):
+        fs, inner = fsspec.core.url_to_fs(str(path))
+        return fs.exists(inner)
+    return Path(path).exists()
+
+
 def read_bytes(path: str | os.PathLike) -> bytes:
     """The bytes of a local file or fsspec URL; a missing file is a UserError naming it."""
     try:

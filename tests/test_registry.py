@@ -4,6 +4,7 @@ serve ``models:/`` URIs. (The remote tracking server with S3 artifacts: test_reg
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -131,6 +132,7 @@ def test_promotion_gates_records_forces_and_rolls_back(cli, store):
     assert code == 0
     lines = {line.split()[1]: line for line in out.splitlines() if line.startswith(NAME)}
     assert "champion" in lines[str(good)] and "champion: promoted" in lines[str(good)]
+    assert re.search(r"Qabf [0-9.]+, VIF [0-9.]+", lines[str(good)])  # the gate's numbers, as key metrics
     assert "champion: forced" in lines[str(bad)]
 
 

@@ -26,7 +26,7 @@ from timfusion.platform.jobs import command
 from timfusion.platform.models import MODEL_FORMS, load_network
 from timfusion.search_spaces.network import FusionNetwork
 from timfusion.tasks.filters import box_mean
-from timfusion.tasks.imageio import atomic_write_bytes, is_url
+from timfusion.tasks.imageio import atomic_write_bytes, is_url, path_exists
 
 FORMATS = ("onnx", "torchscript")
 MIN_SIDE = 32  # smallest exported height/width: the activity window (23 px) and reflect pads need room
@@ -241,15 +241,6 @@ def _side(key: str, value: object) -> int:
     return value
 
 
-def _exists(path: str) -> bool:
-    if is_url(path):
-        import fsspec
-
-        fs, inner = fsspec.core.url_to_fs(path)
-        return fs.exists(inner)
-    return Path(path).exists()
-
-
 @command("export", config="export", summary="export a trained network to ONNX or TorchScript")
 def export(cfg: DictConfig) -> dict:
     """Export ``model`` to ``out``; every input is checked before the (slow) export starts."""
@@ -262,7 +253,7 @@ def export(cfg: DictConfig) -> dict:
     out = str(cfg.out)
     if not is_url(out) and Path(out).is_dir():
         raise UserError(f"out={out}: is a folder; give a file path (e.g. {Path(out) / 'fusion.onnx'})")
-    if not cfg.overwrite and _exists(out):
+    if not cfg.overwrite and path_exists(out):
         raise UserError(f"{out}: exists; pass overwrite=true to replace it")
     reference = str(cfg.model)
     if reference.startswith("baseline:"):

@@ -13,16 +13,7 @@ from timfusion.platform.jobs.common import records_from, task_from
 from timfusion.platform.models import load_fuser
 from timfusion.tasks.base import fuse_pair
 from timfusion.tasks.datasets import PairRecord, load_pair
-from timfusion.tasks.imageio import image_format, is_url, write_image
-
-
-def _exists(path: str) -> bool:
-    if is_url(path):
-        import fsspec
-
-        fs, inner = fsspec.core.url_to_fs(path)
-        return fs.exists(inner)
-    return Path(path).exists()
+from timfusion.tasks.imageio import image_format, path_exists, write_image
 
 
 @command("fuse", config="fuse", summary="fuse a pair or a dataset with a baseline or trained model")
@@ -44,7 +35,7 @@ def fuse(cfg: DictConfig) -> list[str]:
         out_dir = str(cfg.out).rstrip("/")
         jobs = [(record, f"{out_dir}/{record.name}{cfg.suffix}") for record in records]
     if not cfg.overwrite:
-        existing = [target for _, target in jobs if _exists(target)]
+        existing = [target for _, target in jobs if path_exists(target)]
         if existing:
             raise UserError(f"{existing[0]}: exists ({len(existing)} output(s) in all); pass overwrite=true to replace")
     fuser = load_fuser(str(cfg.model), task, cfg.device, cfg.tracking.uri)
