@@ -26,7 +26,6 @@ import hashlib
 import io
 import json
 import re
-import shutil
 import tempfile
 import time
 from collections.abc import Iterator, Mapping
@@ -83,7 +82,7 @@ def read_artifacts(
     """``(network in eval mode, genotype, task config)`` from checked artifacts; any checksum
     that differs from ``checksums.json`` or from ``expected`` (the version's tags) is a UserError."""
     from timfusion.search_spaces.genotype import Genotype
-    from timfusion.search_spaces.network import FusionNetwork, check_state_dict
+    from timfusion.search_spaces.network import network_with_weights
 
     missing = [key for key in (*FILES, "checksums") if key not in paths or not Path(paths[key]).exists()]
     if missing:
@@ -101,10 +100,7 @@ def read_artifacts(
     genotype = Genotype.from_dict(json.loads(Path(paths["genotype"]).read_text()), source=f"{source} genotype")
     task_config = json.loads(Path(paths["task"]).read_text())
     state = torch.load(paths["weights"], map_location="cpu", weights_only=True)
-    network = FusionNetwork(genotype)
-    check_state_dict(network, state, source, genotype.name)
-    network.load_state_dict(state, strict=True)
-    return network.eval(), genotype, task_config
+    return network_with_weights(genotype, state, source), genotype, task_config
 
 
 def fuse_arrays(network: torch.nn.Module, a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -227,15 +223,15 @@ def register_run(run_id: str, name: str, uri: str | None = None, description: st
     """Register run ``run_id``'s model (``model/model.pt``) as a new version of ``name``."""
     from mlflow.exceptions import MlflowException
 
-    from timfusion.platform.models import model_file
-    from timfusion.search_spaces.network import count_macs, count_parameters, load_model
+    from timfusion.platform.models import load_network
+    from timfusion.search_spaces.network import count_macs, count_parameters
 
     if not re.fullmatch(r"[A-Za-z0-9][\w.-]*", name):
         raise UserError(f"name={name}: expected letters, digits, '.', '_' or '-' (e.g. timfusion-ir_vis)")
     uri = tracking_uri(uri)
     client = mlflow_client(uri)
     run = resolve_run(uri, run_id)
-    network, genotype, task_config = load_model(model_file(f"runs:/{run_id}", uri))
+    network, genotype, task_config = load_network(f"runs:/{run_id}", uri)
     with tempfile.TemporaryDirectory(prefix="timfusion-register-") as folder:
         artifacts = write_artifacts(Path(folder) / "files", network, genotype, task_config)
         checksums = json.loads(Path(artifacts["checksums"]).read_text())
@@ -343,21 +339,11 @@ def gate_records(gate: Gate, task: Any, workdir: Path, shared: str | None) -> li
     any model is loaded or evaluated."""
     from timfusion.platform.config import shared_root
     from timfusion.tasks.datasets import load_records
-    from timfusion.tasks.synthetic import synthesize
+    from timfusion.tasks.synthetic import synthesized_once
 
     if gate.dataset == "synthetic":
         spec = gate.synthetic
-        root = workdir / f"gate_{task.synthetic}_{spec['n']}_{spec['seed']}_{'x'.join(map(str, spec['size']))}"
-        if not (root / "MANIFEST.tsv").exists():  # made aside and renamed: concurrent gates share it
-            height, width = spec["size"]
-            workdir.mkdir(parents=True, exist_ok=True)
-            partial = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=workdir))
-            synthesize(task.synthetic, partial, n=int(spec["n"]), seed=int(spec["seed"]),
-                       size=(int(height), int(width)), overwrite=True)
-            try:
-                partial.rename(root)
-            except OSError:  # another promotion made it first
-                shutil.rmtree(partial, ignore_errors=True)
+        root = synthesized_once(task.synthetic, workdir, spec["n"], spec["seed"], spec["size"], label="gate")
         records = load_records(str(root), task)
     elif gate.dataset in task.datasets:
         spec = task.datasets[gate.dataset]

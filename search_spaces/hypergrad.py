@@ -66,6 +66,33 @@ def _norm(xs: Sequence[Tensor]) -> Tensor:
     return torch.sqrt(_dot(xs, xs))
 
 
+def _restore(weights: Sequence[Tensor], values: Sequence[Tensor]) -> None:
+    with torch.no_grad():
+        for w, value in zip(weights, values, strict=True):
+            w.copy_(value)
+
+
+def _central_difference(
+    lower: Loss,
+    weights: Sequence[Tensor],
+    base: Sequence[Tensor],
+    v: Sequence[Tensor],
+    wrt: Sequence[Tensor],
+    epsilon: float,
+) -> list[Tensor]:
+    """``d2f/d(wrt) dw v`` at ``w = base``: central differences of ``df/d(wrt)`` at
+    ``base +- eps v`` with ``eps = epsilon / |v|`` (DARTS' step); the weights end at ``base``."""
+    eps = epsilon / (float(_norm(v)) + 1e-12)
+    sides = []
+    try:
+        for scale in (eps, -eps):
+            _restore(weights, [b + scale * d for b, d in zip(base, v, strict=True)])
+            sides.append(_grads(lower(), wrt))
+    finally:
+        _restore(weights, base)
+    return [(p - m) / (2 * eps) for p, m in zip(*sides, strict=True)]
+
+
 class Hypergradient(abc.ABC):
     """Approximates ``dF/dalpha``; the weights are left as they were found.
 
@@ -118,20 +145,10 @@ class DartsSecondOrder(Hypergradient):
             loss = upper()
             direct_and_v = _grads(loss, [*alphas, *weights])
             direct, v = direct_and_v[: len(alphas)], direct_and_v[len(alphas) :]
-            eps = self.epsilon / (float(_norm(v)) + 1e-12)
-            with torch.no_grad():
-                for w, s, d in zip(weights, saved, v, strict=True):
-                    w.copy_(s + eps * d)
-            plus = _grads(lower(), alphas)
-            with torch.no_grad():
-                for w, s, d in zip(weights, saved, v, strict=True):
-                    w.copy_(s - eps * d)
-            minus = _grads(lower(), alphas)
+            mixed = _central_difference(lower, weights, saved, v, alphas, self.epsilon)
         finally:
-            with torch.no_grad():
-                for w, s in zip(weights, saved, strict=True):
-                    w.copy_(s)
-        return [d - xi * (p - m) / (2 * eps) for d, p, m in zip(direct, plus, minus, strict=True)]
+            _restore(weights, saved)
+        return [d - xi * m for d, m in zip(direct, mixed, strict=True)]
 
 
 @HYPERGRADS.register("implicit")
@@ -214,20 +231,8 @@ class Implicit(Hypergradient):
         saved = [w.detach().clone() for w in weights]
         params = [*weights, *alphas]
 
-        def at(v: Sequence[Tensor], scale: float) -> list[Tensor]:
-            with torch.no_grad():
-                for w, s, d in zip(weights, saved, v, strict=True):
-                    w.copy_(s + scale * d)
-            try:
-                return _grads(lower(), params)
-            finally:
-                with torch.no_grad():
-                    for w, s in zip(weights, saved, strict=True):
-                        w.copy_(s)
-
         def products(v: Sequence[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
-            eps = self.epsilon / (float(_norm(v)) + 1e-12)
-            out = [(p - m) / (2 * eps) for p, m in zip(at(v, eps), at(v, -eps), strict=True)]
+            out = _central_difference(lower, weights, saved, v, params, self.epsilon)
             return out[: len(weights)], out[len(weights) :]
 
         return products

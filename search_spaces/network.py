@@ -494,11 +494,16 @@ def load_model(
         if genotype is None
         else load_genotype(genotype)
     )
-    model = FusionNetwork(geno)
-    state = payload["state_dict"]
-    check_state_dict(model, state, str(path), geno.name)
+    return network_with_weights(geno, payload["state_dict"], str(path)), geno, payload["task"]
+
+
+def network_with_weights(genotype: Genotype, state: dict[str, Any], source: str) -> FusionNetwork:
+    """The genotype's network holding ``state`` (strictly; a misfit is a UserError naming
+    ``source``), in eval mode."""
+    model = FusionNetwork(genotype)
+    check_state_dict(model, state, source, genotype.name)
     model.load_state_dict(state, strict=True)
-    return model.eval(), geno, payload["task"]
+    return model.eval()
 
 
 def size_report(

@@ -1080,3 +1080,29 @@ def synthesize(
         if old.is_relative_to(resolved_root) and old.is_file():
             old.unlink()
     return manifest
+
+
+def synthesized_once(
+    family: str, parent: str | Path, n: int, seed: int, size: tuple[int, int], label: str = "synthetic"
+) -> Path:
+    """The folder of a seeded synthetic set under ``parent``, generated the first time it is
+    asked for: aside, then renamed into place, so jobs running at once share one complete copy."""
+    import shutil
+    import tempfile
+
+    parent = Path(parent)
+    height, width = (int(s) for s in size)
+    root = parent / f"{label}_{family}_{int(n)}_{int(seed)}_{height}x{width}"
+    if (root / "MANIFEST.tsv").exists():
+        return root
+    parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=parent))
+    synthesize(family, partial, n=int(n), seed=int(seed), size=(height, width), overwrite=True)
+    if root.exists() and not (root / "MANIFEST.tsv").exists():
+        shutil.rmtree(root, ignore_errors=True)  # left half-written by an interrupted older run
+    try:
+        partial.rename(root)
+    except OSError:  # another job made it first
+        shutil.rmtree(partial, ignore_errors=True)
+    return root
+

@@ -103,10 +103,7 @@ def meta(cfg: DictConfig) -> dict[str, Any]:
     metrics = tracker.client.get_run(tracker.run_id).data.metrics
     print(f"done: MLflow run {tracker.run_id}; adapt with: timfusion adapt task=... init={tracker.run_id}")
     result = {"run_id": tracker.run_id, "name": name, "metrics": metrics, "tracking_uri": tracker.uri}
-    registered = register_after(cfg, tracker.run_id, None)
-    if registered:
-        result["registered"] = registered
-    return result
+    return register_after(cfg, result, tracker.run_id, None)
 
 
 def multitask_config(cfg: DictConfig) -> DictConfig:

@@ -24,13 +24,15 @@ def register(cfg: DictConfig) -> dict[str, Any]:
     return register_run(str(cfg.run), str(cfg.name or default_name(task)), uri, str(cfg.description))
 
 
-def register_after(cfg: DictConfig, run_id: str, task_name: str | None) -> dict[str, Any] | None:
-    """``register=true`` at the end of train, adapt, search and meta: the run's model, registered."""
-    if not cfg.get("register"):
-        return None
-    from timfusion.platform.model_registry import default_name, register_run
+def register_after(cfg: DictConfig, result: dict[str, Any], run_id: str, task_name: str | None) -> dict[str, Any]:
+    """``register=true`` at the end of train, adapt, search and meta: ``run_id``'s model is
+    registered and the job's ``result`` gains ``registered``."""
+    if cfg.get("register"):
+        from timfusion.platform.model_registry import default_name, register_run
 
-    return register_run(run_id, str(cfg.get("register_name") or default_name(task_name)), cfg.tracking.uri)
+        name = str(cfg.get("register_name") or default_name(task_name))
+        result["registered"] = register_run(run_id, name, cfg.tracking.uri)
+    return result
 
 
 @command("promote", config="promote", summary="move an alias (champion) to a version that passes a quality gate")

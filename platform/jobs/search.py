@@ -243,9 +243,8 @@ def search(cfg: DictConfig) -> dict[str, Any]:
         tracker.set_tags({"retrain_run_id": trained["run_id"]})
         result["retrain"] = trained
     tracker.finish()
-    registered = register_after(cfg, trained["run_id"], task.name) if cfg.retrain.enabled else None
-    if registered:
-        result["registered"] = registered
+    if cfg.retrain.enabled:  # register=true without retraining was refused before the trials
+        register_after(cfg, result, result["retrain"]["run_id"], task.name)
     print(
         f"search done: chosen {chosen['trial']} (score {chosen['score']:.4f}, "
         f"{chosen['macs'] / 1e6:.1f} MMACs); "

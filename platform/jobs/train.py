@@ -27,13 +27,9 @@ def training_records(cfg: DictConfig, task: FusionTask, workdir: Path) -> tuple[
     """The seeded train/validation split of the configured data (names prefixed by dataset)."""
     data = cfg.data
     if data.source == "synthetic":
-        from timfusion.tasks.synthetic import synthesize
+        from timfusion.tasks.synthetic import synthesized_once
 
-        root = workdir / f"synthetic_{task.synthetic}_{data.synthetic.n}_{data.synthetic.seed}"
-        if not (root / "MANIFEST.tsv").exists():
-            height, width = data.synthetic.size
-            synthesize(task.synthetic, root, n=int(data.synthetic.n), seed=int(data.synthetic.seed),
-                       size=(int(height), int(width)), overwrite=True)
+        root = synthesized_once(task.synthetic, workdir, data.synthetic.n, data.synthetic.seed, data.synthetic.size)
         pools = {"synthetic": load_records(str(root), task)}
     elif data.source == "root":
         pools = {"data": load_records(str(data.root), task, filters=dict(data.filter))}
@@ -164,10 +160,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
           f"  fuse with: timfusion fuse model=runs:/{tracker.run_id} a=... b=... out=...\n"
           f"  browse:    mlflow ui --backend-store-uri {tracker.uri}")
     result = {"run_id": tracker.run_id, "name": name, "metrics": metrics, "tracking_uri": tracker.uri}
-    registered = register_after(cfg, tracker.run_id, task.name)
-    if registered:
-        result["registered"] = registered
-    return result
+    return register_after(cfg, result, tracker.run_id, task.name)
 
 
 def prepare_run_dir(cfg: DictConfig, name: str, storage: str) -> tuple[Path, dict[str, Any] | None]:
