@@ -47,12 +47,14 @@ def inference_seconds(name: str, threads: int, height: int = 480, width: int = 6
     return statistics.median(times)
 
 
-def throughput(workers: int, steps: int) -> float:
+def throughput(workers: int, steps: int, overrides: tuple[str, ...] = ()) -> float:
+    """Steady-state patches/s of a short compact training with ``workers`` Ray Train workers
+    (``overrides``: e.g. the cluster to run on)."""
     from timfusion.platform.config import compose
     from timfusion.platform.jobs.train import train
 
     result = train(compose("train", [
-        "data=synthetic", "data.synthetic.n=32", "data.synthetic.size=[128,128]", "genotype=compact",
+        *overrides, "data=synthetic", "data.synthetic.n=32", "data.synthetic.size=[128,128]", "genotype=compact",
         f"cluster.num_workers={workers}", f"train.steps={steps}", f"train.checkpoint_every={steps}",
         "train.log_every=5", "train.crop=96", "train.batch_size=8", "guidance.weight=0", "train.val_max_pairs=1",
         f"name=bench-{workers}w-{int(time.time())}",

@@ -73,7 +73,9 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"{missing[0]}: required (pass {missing[0]}=...)")
         cmd.run(cfg)
     except UserError as err:
-        print(f"timfusion {name}: error: {err}", file=sys.stderr)
+        from timfusion.platform.storage import redact
+
+        print(f"timfusion {name}: error: {redact(str(err))}", file=sys.stderr)
         return err.exit_code
     except KeyboardInterrupt:
         print(f"timfusion {name}: interrupted", file=sys.stderr)

@@ -110,10 +110,13 @@ def search_trial(config: dict[str, Any]) -> None:
             state = torch.load(Path(folder) / TRIAL_STATE, weights_only=False)
             search.load_state_dict(state["search"])
             info = state["info"]
+    context = ray.tune.get_context()
     if info.get("mlflow_run_id"):
         tracker = Tracker(config["tracking_uri"], info["mlflow_run_id"])
+        # a lost worker or node, or a restored search: continued from this step, not from 0
+        tracker.log_metrics({"restored_from_step": search.step_count}, step=search.step_count)
     else:
-        trial = ray.tune.get_context().get_trial_name() or "trial"
+        trial = context.get_trial_name() or "trial"
         tracker = Tracker.start(
             {**config["tracking"], "uri": config["tracking_uri"]},
             trial,
@@ -122,6 +125,7 @@ def search_trial(config: dict[str, Any]) -> None:
                 "task": task.name,
                 "search_space": space.name,
                 "hypergrad": settings.hypergrad,
+                "trial_id": context.get_trial_id(),
             },
             config["mlflow_run_id"],
         )

@@ -92,6 +92,9 @@ class Tracker:
         if parent_run_id:
             all_tags["mlflow.parentRunId"] = parent_run_id
             all_tags["parent_run_id"] = parent_run_id
+        from timfusion.platform.storage import redact
+
+        all_tags = {key: redact(str(value)) for key, value in all_tags.items()}
         run = mlflow_client(uri).create_run(experiment_id, run_name=run_name, tags=all_tags)
         return cls(uri, run.info.run_id)
 
@@ -99,7 +102,9 @@ class Tracker:
         """The flattened resolved config as params (long values truncated, as MLflow limits them)."""
         from mlflow.entities import Param
 
-        params = [Param(k, str(v)[:MAX_PARAM_LENGTH]) for k, v in flatten(config).items()]
+        from timfusion.platform.storage import redact
+
+        params = [Param(k, redact(str(v))[:MAX_PARAM_LENGTH]) for k, v in flatten(config).items()]
         for start in range(0, len(params), 100):
             self.client.log_batch(self.run_id, params=params[start : start + 100])
 
@@ -114,8 +119,10 @@ class Tracker:
             self.client.log_batch(self.run_id, metrics=batch)
 
     def set_tags(self, tags: dict[str, Any]) -> None:
+        from timfusion.platform.storage import redact
+
         for key, value in tags.items():
-            self.client.set_tag(self.run_id, key, str(value))
+            self.client.set_tag(self.run_id, key, redact(str(value)))
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path)
@@ -129,7 +136,9 @@ class Tracker:
             self.client.log_artifact(self.run_id, str(path), folder or None)
 
     def log_text(self, text: str, artifact_file: str) -> None:
-        self.log_bytes(text.encode("utf-8"), artifact_file)
+        from timfusion.platform.storage import redact
+
+        self.log_bytes(redact(text).encode("utf-8"), artifact_file)
 
     def finish(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status=status)

@@ -260,6 +260,8 @@ def train_worker(config: dict[str, Any]) -> None:
     loss_fn = task.build_loss().to(ctx.device)
     amp = ctx.device.type == "cuda" and bool(train_cfg["amp"])
     tracker = Tracker(config["tracking_uri"], config["mlflow_run_id"]) if ctx.rank == 0 else None
+    if tracker is not None and state is not None:  # a restarted worker group or resume=true
+        tracker.log_metrics({"restored_from_step": step}, step=step)
     val_records = [PairRecord(**r) for r in config["val_records"]]
     fault_step = (config.get("faults") or {}).get("kill_worker_at_step")
     fault_marker = Path(config["run_dir"]) / ".fault_injected"

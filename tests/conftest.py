@@ -68,21 +68,14 @@ def s3_endpoint(tmp_path_factory):
     """A real S3-compatible endpoint (moto's server) on 127.0.0.1 with test credentials in the
     environment: its URL."""
     import os
-    import subprocess
-    import sys
 
-    from helpers import free_port, wait_for_http
+    from helpers import start_moto
 
-    port = free_port()
     log = tmp_path_factory.mktemp("moto") / "moto.log"
     saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
     os.environ.update(AWS_ACCESS_KEY_ID="test", AWS_SECRET_ACCESS_KEY="test", AWS_DEFAULT_REGION="us-east-1")
-    with open(log, "w") as handle:
-        proc = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-                                stdout=handle, stderr=subprocess.STDOUT)
-    endpoint = f"http://127.0.0.1:{port}"
+    proc, endpoint = start_moto(log)
     try:
-        wait_for_http(endpoint, proc, log)
         yield endpoint
     finally:
         proc.terminate()

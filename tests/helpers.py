@@ -55,11 +55,21 @@ def model_run(uri: str, genotype: str = "compact", seed: int = 0, zero: bool = F
 
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago."""
-    import socket
+    from timfusion.platform.local_cluster import free_ports
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def start_moto(log: Path) -> tuple[subprocess.Popen, str]:
+    """A moto S3 server on 127.0.0.1 (credentials ``test``/``test`` expected in the environment):
+    the process and its endpoint URL, once it answers."""
+    port = free_port()
+    with open(log, "w") as handle:
+        proc = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                                stdout=handle, stderr=subprocess.STDOUT)
+    endpoint = f"http://127.0.0.1:{port}"
+    wait_for_http(endpoint, proc, log)
+    return proc, endpoint
 
 
 def wait_for_http(url: str, proc, log: Path, timeout: float = 120.0) -> None:

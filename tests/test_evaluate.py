@@ -75,6 +75,17 @@ def test_unknown_metric_lists_valid(cli, synthetic_ir_vis, fused_methods, tmp_pa
     assert code == 2 and "unknown tang metric(s) Nope; valid:" in err
 
 
+def test_vifb_rank_table_of_three_chosen_methods(cli, tmp_path):
+    fused = need_shared("data", "vifb", "fused")
+    code, _, err = cli("evaluate", "data.dataset=vifb", f"fused={fused}", "methods=[ADF,CBF,TIF]",
+                       "metrics=[EN,SF,Qabf]", f"out={tmp_path}")
+    assert code == 0, err
+    summary = read_csv(tmp_path / "summary.csv")
+    assert sorted(row["method"] for row in summary) == ["ADF", "CBF", "TIF"]
+    assert (tmp_path / "ranks.md").read_text().count("## ") == 4
+
+
+@pytest.mark.slow
 def test_vifb_rank_table_of_25_methods(cli, tmp_path):
     need_shared("data", "vifb", "fused")
     code, stdout, err = cli("evaluate", "data.dataset=vifb", "fused=" + str(need_shared("data", "vifb", "fused")),

@@ -129,6 +129,7 @@ def test_bad_search_configs_fail_before_ray_starts(workdir, overrides, expected)
         run_search(*overrides)
 
 
+@pytest.mark.slow  # the SIGKILLed driver drill: tests/test_faults.py
 def test_an_interrupted_search_resumes_and_runs_every_trial_once(ray_cluster, workdir):
     """Ctrl-C (SIGINT) after the first trial finished; resume=true keeps it and runs the rest."""
     import os

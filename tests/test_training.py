@@ -63,6 +63,7 @@ def test_unguided_training_logs_no_miou_and_fuses(ray_cluster, workdir, cli):
     assert len(list((workdir / "fused").glob("*.png"))) == 8
 
 
+@pytest.mark.slow  # the drill with a worker killed from outside: tests/test_faults.py
 def test_killed_worker_is_retried_and_training_completes(ray_cluster, workdir):
     result = run_train("cluster.num_workers=2", "train.steps=6", "train.checkpoint_every=2",
                        "faults.kill_worker_at_step=3", "cluster.max_failures=2", "name=faulty", "guidance.weight=0")

@@ -38,4 +38,16 @@ def command(name: str, config: str, summary: str) -> Callable[[Callable], Callab
 
 def load_all() -> None:
     """Import every job module so that their commands are registered."""
-    from timfusion.platform.jobs import arch, data, evaluate, export, fuse, meta, registry, run, search, train  # noqa: F401
+    from timfusion.platform.jobs import (  # noqa: F401
+        arch,
+        cluster,
+        data,
+        evaluate,
+        export,
+        fuse,
+        meta,
+        registry,
+        run,
+        search,
+        train,
+    )

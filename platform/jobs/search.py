@@ -23,8 +23,9 @@ from timfusion.platform.errors import UserError
 from timfusion.platform.jobs import command
 from timfusion.platform.jobs.common import task_from
 from timfusion.platform.jobs.registry import register_after
-from timfusion.platform.jobs.train import init_ray, storage_root, train, training_records
+from timfusion.platform.jobs.train import init_ray, train, training_records
 from timfusion.platform.report import markdown_table
+from timfusion.platform.storage import check_job_storage, storage_root
 from timfusion.platform.tracking import Tracker, tracking_uri
 from timfusion.platform.training import read_run_info, write_run_info
 from timfusion.tasks.datasets import fingerprint
@@ -152,7 +153,8 @@ def search(cfg: DictConfig) -> dict[str, Any]:
     }
     Supernet(trial_space(base_check))  # an unknown space, op or bad template fails before Ray starts
     trial_settings(base_check)
-    storage = storage_root(cfg.cluster)
+    check_job_storage(cfg)
+    storage = storage_root(cfg.cluster.storage_path)
     name = cfg.name or f"{task.name}-search-{time.strftime('%Y%m%d-%H%M%S')}"
     workdir = Path(str(cfg.workdir)).resolve()
     run_dir = workdir / name
@@ -211,6 +213,7 @@ def search(cfg: DictConfig) -> dict[str, Any]:
                 f"continue it with resume=true name={name}"
             )
         rows = _rows(grid, tracker.uri, int(cfg.steps))
+        discard_lost_attempts(tracker, {row["mlflow_run_id"] for row in rows})
         chosen, front = _choose(rows, bool(cfg.tune.multi_objective))
         _write_results(cfg, run_dir, tracker, rows, chosen, front)
     except (SearchInterrupted, KeyboardInterrupt):
@@ -304,7 +307,9 @@ def _run_tuner(cfg: DictConfig, base: dict[str, Any], domains: dict[str, Any], n
             reuse_actors=True,
         ),
         run_config=tune.RunConfig(
-            name=name, storage_path=storage, checkpoint_config=tune.CheckpointConfig(num_to_keep=1)
+            name=name, storage_path=storage, checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            # a trial on a lost worker or node restarts from its last checkpoint, elsewhere
+            failure_config=tune.FailureConfig(max_failures=int(cfg.cluster.max_failures)),
         ),
     )
     return tuner.fit()
@@ -341,6 +346,19 @@ def _rows(grid, uri: str, steps: int) -> list[dict[str, Any]]:
     if not rows:
         raise RuntimeError("no search trial reported a result")
     return sorted(rows, key=lambda r: r["score"])
+
+
+def discard_lost_attempts(tracker: Tracker, kept: set[str]) -> None:
+    """Delete the search's trial runs that no result comes from: attempts that died before their
+    first checkpoint (a killed driver, a lost node) and started again as a new run. The search
+    then lists every trial once."""
+    parent = tracker.client.get_run(tracker.run_id)
+    children = tracker.client.search_runs(
+        [parent.info.experiment_id], f"tags.parent_run_id = '{tracker.run_id}' and tags.job = 'search-trial'"
+    )
+    for run in children:
+        if run.info.run_id not in kept and run.info.status != "FINISHED":
+            tracker.client.delete_run(run.info.run_id)
 
 
 def _choose(rows: list[dict[str, Any]], multi: bool) -> tuple[dict[str, Any], list[dict[str, Any]]]:

@@ -13,10 +13,11 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from timfusion.platform.config import shared_root, to_container
-from timfusion.platform.errors import UserError
+from timfusion.platform.errors import JobFailed, UserError, cause_line
 from timfusion.platform.jobs import command
 from timfusion.platform.jobs.common import task_from
 from timfusion.platform.jobs.registry import register_after
+from timfusion.platform.storage import check_job_storage, redact, storage_root
 from timfusion.platform.tracking import Tracker, tracking_uri
 from timfusion.platform.training import read_run_info, train_worker, write_run_info
 from timfusion.tasks import FusionTask
@@ -76,11 +77,6 @@ def resolve_workers(cluster: DictConfig) -> tuple[int, bool]:
     return workers, use_gpu
 
 
-def storage_root(cluster: DictConfig) -> str:
-    path = str(cluster.storage_path)
-    return path if "://" in path else str(Path(path).resolve())
-
-
 def init_ray(cluster: DictConfig) -> None:
     """Start (or join) the Ray cluster the config names; idempotent."""
     import ray
@@ -92,6 +88,10 @@ def init_ray(cluster: DictConfig) -> None:
     kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True}
     if cluster.address:
         kwargs["address"] = str(cluster.address)
+    elif "state_dir" in cluster:  # cluster=local_multinode: the address `cluster up` wrote
+        from timfusion.platform.local_cluster import address_of
+
+        kwargs["address"] = address_of(str(cluster.state_dir))
     else:
         kwargs["num_cpus"] = int(cluster.num_cpus) if cluster.num_cpus else os.cpu_count()
         if cluster.temp_dir:
@@ -113,7 +113,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         raise UserError("train.steps, train.checkpoint_every and train.log_every must be >= 1")
     init_state = initial_weights(cfg.init_weights, genotype, cfg.tracking.uri) if cfg.init_weights else None
     workers, use_gpu = resolve_workers(cfg.cluster)
-    storage = storage_root(cfg.cluster)
+    check_job_storage(cfg)
+    storage = storage_root(cfg.cluster.storage_path)
     name = cfg.name or f"{task.name}-{genotype.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir, info = prepare_run_dir(cfg, name, storage)
     workdir = Path(str(cfg.workdir)).resolve()
@@ -226,6 +227,10 @@ def fit_with_ray(cfg: DictConfig, loop: Any, loop_config: dict, name: str, stora
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
         ),
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except Exception as err:  # Ray Train's TrainingFailedError after the worker-group restarts
+        raise JobFailed(f"training run {name} failed after {int(cfg.cluster.max_failures)} restart(s) "
+                        f"allowed: {redact(cause_line(err))}") from err
     if result.error is not None:
-        raise RuntimeError(f"training run {name} failed: {result.error}")
+        raise JobFailed(f"training run {name} failed: {redact(cause_line(result.error))}")
