@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -28,6 +29,20 @@ _INLINE = [
 def storage_root(path: str | os.PathLike) -> str:
     """A storage location as Ray and fsspec take it: URLs as they are, local paths absolute."""
     return str(path) if is_url(path) else str(Path(path).resolve())
+
+
+def ray_storage(path: str | os.PathLike) -> tuple[str, Any | None]:
+    """Ray's ``storage_path`` and ``storage_filesystem`` for a location: a local path as it is;
+    ``s3://`` through s3fs, so that checkpoints take the same endpoint and credentials as the
+    data and the artifacts (the filesystem travels to every node without keys in it)."""
+    if not str(path).startswith(("s3://", "s3a://")):
+        return storage_root(path), None
+    import pyarrow.fs
+    import s3fs
+
+    endpoint = s3_endpoint()
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint} if endpoint else {})
+    return str(path).split("://", 1)[1].rstrip("/"), pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
 
 
 def check_job_storage(cfg: DictConfig) -> None:

@@ -234,6 +234,14 @@ def test_everything_on_s3_and_no_credential_is_recorded(multinode, drill_env, s3
     recorded = json.dumps([run.data.params, run.data.tags]) + output + config
     assert SECRET not in recorded and ACCESS not in recorded
 
+    search = timfusion("search", "cluster=local_multinode", f"cluster.state_dir={multinode}", *QUICK_SEARCH,
+                       "trials=2", "steps=4", "cluster.storage_path=s3://drill/ray", "name=search-on-s3",
+                       cwd=tmp_path, env=drill_env)
+    output = finish(search)
+    assert search.returncode == 0, output[-4000:]
+    assert len(fs.glob("drill/ray/search-on-s3/*/checkpoint_*")) == 2  # each trial's, through s3fs
+    assert SECRET not in output and ACCESS not in output
+
 
 @pytest.mark.slow
 def test_s3_down_at_start_is_one_line_before_any_trial(tmp_path, drill_env):
@@ -272,6 +280,7 @@ def test_s3_down_during_training_fails_clearly_and_records_nothing_complete(tmp_
     assert driver.returncode == 1, output[-4000:]
     last = output.strip().splitlines()[-1]
     assert last.startswith("timfusion train: error: training run s3-lost failed"), last
+    print(last)
     (run,) = mlflow_runs(tmp_path, "attributes.run_name = 's3-lost'")
     assert run.info.status == "FAILED"
     assert "final_step" not in run.data.tags  # nothing recorded as complete

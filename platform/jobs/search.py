@@ -25,7 +25,7 @@ from timfusion.platform.jobs.common import task_from
 from timfusion.platform.jobs.registry import register_after
 from timfusion.platform.jobs.train import init_ray, train, training_records
 from timfusion.platform.report import markdown_table
-from timfusion.platform.storage import check_job_storage, storage_root
+from timfusion.platform.storage import check_job_storage, ray_storage, storage_root
 from timfusion.platform.tracking import Tracker, tracking_uri
 from timfusion.platform.training import read_run_info, write_run_info
 from timfusion.tasks.datasets import fingerprint
@@ -266,10 +266,12 @@ def _run_tuner(cfg: DictConfig, base: dict[str, Any], domains: dict[str, Any], n
         tune.with_parameters(_trainable, base=base),
         {"cpu": max(0.01, float(cfg.cluster.trial_cpus)), "gpu": float(cfg.cluster.trial_gpus)},
     )
-    path = f"{storage.rstrip('/')}/{name}"
-    if cfg.resume and tune.Tuner.can_restore(path):
+    storage_path, filesystem = ray_storage(storage)
+    path = f"{storage_path}/{name}"
+    if cfg.resume and tune.Tuner.can_restore(path, storage_filesystem=filesystem):
         tuner = tune.Tuner.restore(
-            path, trainable=trainable, param_space=domains, resume_unfinished=True, resume_errored=True
+            path, trainable=trainable, param_space=domains, resume_unfinished=True, resume_errored=True,
+            storage_filesystem=filesystem,
         )
         return tuner.fit()
     import optuna
@@ -307,7 +309,8 @@ def _run_tuner(cfg: DictConfig, base: dict[str, Any], domains: dict[str, Any], n
             reuse_actors=True,
         ),
         run_config=tune.RunConfig(
-            name=name, storage_path=storage, checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            name=name, storage_path=storage_path, storage_filesystem=filesystem,
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             # a trial on a lost worker or node restarts from its last checkpoint, elsewhere
             failure_config=tune.FailureConfig(max_failures=int(cfg.cluster.max_failures)),
         ),

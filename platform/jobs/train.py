@@ -17,7 +17,7 @@ from timfusion.platform.errors import JobFailed, UserError, cause_line
 from timfusion.platform.jobs import command
 from timfusion.platform.jobs.common import task_from
 from timfusion.platform.jobs.registry import register_after
-from timfusion.platform.storage import check_job_storage, redact, storage_root
+from timfusion.platform.storage import check_job_storage, ray_storage, redact, storage_root
 from timfusion.platform.tracking import Tracker, tracking_uri
 from timfusion.platform.training import read_run_info, train_worker, write_run_info
 from timfusion.tasks import FusionTask
@@ -215,6 +215,7 @@ def fit_with_ray(cfg: DictConfig, loop: Any, loop_config: dict, name: str, stora
     from ray.train.torch import TorchTrainer
 
     init_ray(cfg.cluster)
+    storage_path, filesystem = ray_storage(storage)
     trainer = TorchTrainer(
         loop,
         train_loop_config=loop_config,
@@ -222,7 +223,7 @@ def fit_with_ray(cfg: DictConfig, loop: Any, loop_config: dict, name: str, stora
             num_workers=workers, use_gpu=use_gpu, resources_per_worker={"CPU": float(cfg.cluster.cpus_per_worker)},
         ),
         run_config=ray.train.RunConfig(
-            name=name, storage_path=storage,
+            name=name, storage_path=storage_path, storage_filesystem=filesystem,
             failure_config=ray.train.FailureConfig(max_failures=int(cfg.cluster.max_failures)),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
         ),
