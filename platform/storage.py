@@ -45,9 +45,10 @@ def ray_storage(path: str | os.PathLike) -> tuple[str, Any | None]:
     return str(path).split("://", 1)[1].rstrip("/"), pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
 
 
-def check_job_storage(cfg: DictConfig) -> None:
-    """Before a job starts Ray or a run: every remote location it will write or read answers
-    (``cluster.storage_path``, ``tracking.artifact_root``, ``data.root``)."""
+def job_storage(cfg: DictConfig) -> str:
+    """The job's checkpoint storage (``storage_root`` of ``cluster.storage_path``), once every
+    remote location it will write or read answers (that path, ``tracking.artifact_root``,
+    ``data.root``): checked before the job starts Ray or an MLflow run."""
     places = {"cluster.storage_path": OmegaConf.select(cfg, "cluster.storage_path"),
               "tracking.artifact_root": OmegaConf.select(cfg, "tracking.artifact_root")}
     if OmegaConf.select(cfg, "data.source") == "root":
@@ -55,6 +56,7 @@ def check_job_storage(cfg: DictConfig) -> None:
     for key, url in places.items():
         if url:
             check_reachable(str(url), key)
+    return storage_root(cfg.cluster.storage_path)
 
 
 def s3_endpoint() -> str | None:

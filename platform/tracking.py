@@ -14,6 +14,7 @@ from typing import Any
 
 from timfusion.platform.config import ROOT, flatten
 from timfusion.platform.errors import UserError
+from timfusion.platform.storage import redact
 
 MAX_PARAM_LENGTH = 6000
 
@@ -92,8 +93,6 @@ class Tracker:
         if parent_run_id:
             all_tags["mlflow.parentRunId"] = parent_run_id
             all_tags["parent_run_id"] = parent_run_id
-        from timfusion.platform.storage import redact
-
         all_tags = {key: redact(str(value)) for key, value in all_tags.items()}
         run = mlflow_client(uri).create_run(experiment_id, run_name=run_name, tags=all_tags)
         return cls(uri, run.info.run_id)
@@ -101,8 +100,6 @@ class Tracker:
     def log_config(self, config: dict[str, Any]) -> None:
         """The flattened resolved config as params (long values truncated, as MLflow limits them)."""
         from mlflow.entities import Param
-
-        from timfusion.platform.storage import redact
 
         params = [Param(k, redact(str(v))[:MAX_PARAM_LENGTH]) for k, v in flatten(config).items()]
         for start in range(0, len(params), 100):
@@ -119,8 +116,6 @@ class Tracker:
             self.client.log_batch(self.run_id, metrics=batch)
 
     def set_tags(self, tags: dict[str, Any]) -> None:
-        from timfusion.platform.storage import redact
-
         for key, value in tags.items():
             self.client.set_tag(self.run_id, key, redact(str(value)))
 
@@ -136,8 +131,6 @@ class Tracker:
             self.client.log_artifact(self.run_id, str(path), folder or None)
 
     def log_text(self, text: str, artifact_file: str) -> None:
-        from timfusion.platform.storage import redact
-
         self.log_bytes(redact(text).encode("utf-8"), artifact_file)
 
     def finish(self, status: str = "FINISHED") -> None:

@@ -22,7 +22,7 @@ from timfusion.platform.jobs.train import (
     train,
     training_records,
 )
-from timfusion.platform.storage import check_job_storage, storage_root
+from timfusion.platform.storage import job_storage
 from timfusion.platform.tracking import Tracker, tracking_uri
 from timfusion.platform.training import write_run_info
 from timfusion.tasks import build_task
@@ -66,8 +66,7 @@ def meta(cfg: DictConfig) -> dict[str, Any]:
     if int(settings.meta_batch) < workers:
         raise UserError(f"meta.meta_batch={settings.meta_batch}: fewer tasks than the {workers} workers "
                         "(raise it or lower cluster.num_workers)")
-    check_job_storage(cfg)
-    storage = storage_root(cfg.cluster.storage_path)
+    storage = job_storage(cfg)
     name = cfg.name or f"meta-{settings.algorithm}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir, info = prepare_run_dir(cfg, name, storage)
     workdir = Path(str(cfg.workdir)).resolve()

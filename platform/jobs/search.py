@@ -25,7 +25,7 @@ from timfusion.platform.jobs.common import task_from
 from timfusion.platform.jobs.registry import register_after
 from timfusion.platform.jobs.train import init_ray, train, training_records
 from timfusion.platform.report import markdown_table
-from timfusion.platform.storage import check_job_storage, ray_storage, storage_root
+from timfusion.platform.storage import job_storage, ray_storage
 from timfusion.platform.tracking import Tracker, tracking_uri
 from timfusion.platform.training import read_run_info, write_run_info
 from timfusion.tasks.datasets import fingerprint
@@ -153,8 +153,7 @@ def search(cfg: DictConfig) -> dict[str, Any]:
     }
     Supernet(trial_space(base_check))  # an unknown space, op or bad template fails before Ray starts
     trial_settings(base_check)
-    check_job_storage(cfg)
-    storage = storage_root(cfg.cluster.storage_path)
+    storage = job_storage(cfg)
     name = cfg.name or f"{task.name}-search-{time.strftime('%Y%m%d-%H%M%S')}"
     workdir = Path(str(cfg.workdir)).resolve()
     run_dir = workdir / name

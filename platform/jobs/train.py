@@ -17,7 +17,7 @@ from timfusion.platform.errors import JobFailed, UserError, cause_line
 from timfusion.platform.jobs import command
 from timfusion.platform.jobs.common import task_from
 from timfusion.platform.jobs.registry import register_after
-from timfusion.platform.storage import check_job_storage, ray_storage, redact, storage_root
+from timfusion.platform.storage import job_storage, ray_storage, redact
 from timfusion.platform.tracking import Tracker, tracking_uri
 from timfusion.platform.training import read_run_info, train_worker, write_run_info
 from timfusion.tasks import FusionTask
@@ -113,8 +113,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         raise UserError("train.steps, train.checkpoint_every and train.log_every must be >= 1")
     init_state = initial_weights(cfg.init_weights, genotype, cfg.tracking.uri) if cfg.init_weights else None
     workers, use_gpu = resolve_workers(cfg.cluster)
-    check_job_storage(cfg)
-    storage = storage_root(cfg.cluster.storage_path)
+    storage = job_storage(cfg)
     name = cfg.name or f"{task.name}-{genotype.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir, info = prepare_run_dir(cfg, name, storage)
     workdir = Path(str(cfg.workdir)).resolve()
