@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -222,7 +223,8 @@ def kill_node(state_dir: str | os.PathLike, name: str, sig: int = signal.SIGKILL
 
 
 def down(state_dir: str | os.PathLike, timeout_s: float = 10.0) -> int:
-    """Stop every process of the cluster (SIGTERM, then SIGKILL); the number stopped."""
+    """Stop every process of the cluster (SIGTERM, then SIGKILL) and remove its session folder;
+    the number of processes stopped."""
     import psutil
 
     folder = Path(state_dir).resolve()
@@ -242,6 +244,7 @@ def down(state_dir: str | os.PathLike, timeout_s: float = 10.0) -> int:
         except psutil.NoSuchProcess:
             pass
     psutil.wait_procs(alive, timeout=timeout_s / 2)
+    shutil.rmtree(state.temp_dir, ignore_errors=True)  # this cluster's own session folder (its logs: cluster.log stays)
     (folder / STATE_FILE).unlink(missing_ok=True)
     return len(processes)
 
