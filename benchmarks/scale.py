@@ -19,7 +19,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -29,7 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train import throughput  # noqa: E402  (benchmarks/train.py)
 
-from timfusion.platform.report import text_table  # noqa: E402
+from timfusion.platform.report import text_table, write_json  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SEARCH = [
@@ -97,8 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     print(text_table(rows, list(rows[0])))
     print(f"2 nodes / 1 node: trials/hour x{result['speedup_trials_per_hour']:.2f}, "
           f"train patches/s x{result['speedup_train']:.2f}")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    write_json(args.out, result)
     print(f"wrote {args.out}")
     return 0
 

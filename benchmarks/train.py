@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from timfusion.platform.report import text_table
+from timfusion.platform.report import text_table, write_json
 
 REPO = Path(__file__).resolve().parents[1]
 GENOTYPES = ["compact", "tim_light", "tim_ivif"]
@@ -101,8 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     print(text_table(rows, ["genotype", "params", "GMACs@256", "s/640x480"]))
     print(text_table([{"workers": w, "patches/s": v} for w, v in rates.items()], ["workers", "patches/s"]))
     print(json.dumps(result["targets"]))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    write_json(args.out, result)
     print(f"wrote {args.out}")
     return 0
 

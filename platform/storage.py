@@ -38,11 +38,9 @@ def ray_storage(path: str | os.PathLike) -> tuple[str, Any | None]:
     if not str(path).startswith(("s3://", "s3a://")):
         return storage_root(path), None
     import pyarrow.fs
-    import s3fs
 
-    endpoint = s3_endpoint()
-    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint} if endpoint else {})
-    return str(path).split("://", 1)[1].rstrip("/"), pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
+    filesystem = pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(s3_filesystem()))
+    return str(path).split("://", 1)[1].rstrip("/"), filesystem
 
 
 def job_storage(cfg: DictConfig) -> str:
@@ -64,6 +62,14 @@ def s3_endpoint() -> str | None:
     return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
 
 
+def s3_filesystem(**options: Any):
+    """An s3fs filesystem on the environment's endpoint and credentials (``options``: s3fs's)."""
+    import s3fs
+
+    endpoint = s3_endpoint()
+    return s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint} if endpoint else {}, **options)
+
+
 def redact(text: str) -> str:
     """``text`` without credentials: inline URL secrets and the values of the AWS variables."""
     for pattern in _INLINE:
@@ -80,15 +86,10 @@ def check_reachable(url: str, key: str, timeout_s: float = 5.0) -> None:
     (endpoint down, bucket missing, credentials refused); local paths always pass."""
     if not str(url).startswith(("s3://", "s3a://")):
         return
-    import s3fs
-
     bucket = str(url).split("://", 1)[1].split("/", 1)[0].split("?", 1)[0]
     endpoint = s3_endpoint()
-    fs = s3fs.S3FileSystem(
-        skip_instance_cache=True,
-        client_kwargs={"endpoint_url": endpoint} if endpoint else {},
-        config_kwargs={"connect_timeout": timeout_s, "read_timeout": timeout_s, "retries": {"max_attempts": 1}},
-    )
+    fs = s3_filesystem(skip_instance_cache=True, config_kwargs={
+        "connect_timeout": timeout_s, "read_timeout": timeout_s, "retries": {"max_attempts": 1}})
     where = f" at {endpoint}" if endpoint else ""
     try:
         fs.ls(bucket, refresh=True)
