@@ -43,7 +43,7 @@ from typing import Any
 
 import torch
 
-from timfusion.platform.report import text_table
+from timfusion.platform.report import text_table, write_json
 
 REPO = Path(__file__).resolve().parents[1]
 FAMILIES = ["ir_vis", "medical", "multi_exposure", "multi_focus"]
@@ -185,10 +185,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", default=None)
     args = parser.parse_args(argv)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    out = Path(args.out).resolve()  # before the chdir: a relative --out is the caller's
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="timfusion-meta-bench-")).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     os.chdir(workdir)
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     results = []
     for family in args.families:  # the JSON is rewritten after each family: a long run keeps what it has
@@ -214,7 +214,8 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace, out: Path, w
     for result in results:
         inits = result["inits"]
         meta_steps = inits["meta"]["steps_to_random_final"]
-        random_steps = inits["random"]["steps_to_random_final"] or args.random_steps
+        random_steps = inits["random"]["steps_to_random_final"]
+        random_steps = args.random_steps if random_steps is None else random_steps
         multitask_steps = inits["multitask"]["steps_to_random_final"]
         targets[result["family"]] = {
             "meta_10x_fewer_than_random": meta_steps is not None and meta_steps * 10 <= random_steps,
@@ -226,9 +227,7 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace, out: Path, w
     plot(results, out.with_suffix(".png"))
     payload = {"machine": f"{os.cpu_count()} CPUs, torch {torch.__version__}", "args": vars(args),
                "results": results, "targets": targets, "workdir": str(workdir)}
-    partial = out.with_name(out.name + ".part")
-    partial.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(partial, out)
+    write_json(out, payload)
     print(f"wrote {out} and {out.with_suffix('.png')}")
 
 

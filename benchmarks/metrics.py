@@ -23,7 +23,6 @@ the same load.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -33,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from timfusion.platform.report import write_json
 from timfusion.tasks.colour import rgb_to_gray
 from timfusion.tasks.imageio import read_image
 from timfusion.tasks.metrics import METRICS
@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(out, result)
     print(f"wrote {out}")
     return 0
 

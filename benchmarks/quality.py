@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{SHARED / 'data' / 'vifb'} is absent: set TIMFUSION_SHARED", file=sys.stderr)
         return 2
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    out = Path(args.out).resolve()  # before the chdir: a relative --out is the caller's
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="timfusion-quality-")).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     os.chdir(workdir)
@@ -50,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     from timfusion.platform.jobs.evaluate import evaluate
     from timfusion.platform.jobs.fuse import fuse
     from timfusion.platform.jobs.train import train
+    from timfusion.platform.report import write_json
+    from timfusion.tasks.imageio import atomic_write_text
 
     fused_root = workdir / "fused"
     fused_root.mkdir(exist_ok=True)
@@ -86,9 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     result = {"budget_s": args.budget, "trained": trained, "beats_all_baselines": targets,
               "means": {m: {k: v["mean"] for k, v in s.items()} for m, s in summaries.items()},
               "overall": scored["overall"], "workdir": str(workdir)}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    Path(args.out).with_suffix(".md").write_text(ranks)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_json(out, result)
+    atomic_write_text(out.with_suffix(".md"), ranks)
     print(json.dumps(targets, indent=1))
     print(f"wrote {args.out} and {Path(args.out).with_suffix('.md')}")
     return 0

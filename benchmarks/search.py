@@ -4,7 +4,7 @@ Usage::
 
     python benchmarks/search.py [--budget 240] [--retrain 180] [--space compact]
                                 [--methods first_order darts implicit tim darts@4]
-                                [--out benchmarks/results/search.json]
+                                [--seeds 0 1 2] [--out benchmarks/results/search.json]
 
 Data: the IR/VIS training data of ``timfusion train`` (../shared/data roadscene + msrs,
 the same seeded validation split); objective: the ir_vis task with the loss of
@@ -31,7 +31,9 @@ black box's MACs (``search.max_macs``, the budgeted derivation of
 :func:`~timfusion.search_spaces.bilevel.derive_genotype`; ``--no-match-macs`` turns it
 off), so the comparison is at equal or lower cost. Each derived genotype is retrained
 with ``timfusion train`` (in-process, ``--retrain`` seconds, the training defaults) and
-fuses the 21 VIFB pairs, scored with the tang metrics. Targets: ``implicit`` reaches ``darts``'s final validation loss in at most half
+fuses the 21 VIFB pairs, scored with the tang metrics. ``--seeds`` repeats the whole
+comparison (black box included) per seed and counts the seeds that meet each target and
+both. Targets: ``implicit`` reaches ``darts``'s final validation loss in at most half
 ``darts``'s time, and the implicit genotype beats the black-box one (higher on at least
 two of VIFB's MI, Qabf, VIF) at equal or fewer MACs. Prints the table, writes the JSON
 and a PNG of the validation-loss curves beside it.
@@ -51,13 +53,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from timfusion.platform.report import text_table
+from timfusion.platform.report import text_table, write_json
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("TIMFUSION_SHARED", REPO.parent / "shared"))
 METHODS = ["first_order", "darts", "implicit", "tim", "darts@4"]
 METHOD_SETTINGS: dict[str, dict[str, Any]] = {
-    "implicit": {"upper_every": 4, "hypergrad_options": {"solver": "cg", "terms": 1, "hvp": "finite_difference"}},
+    "implicit": {"upper_every": 8, "hypergrad_options": {"solver": "cg", "terms": 2, "hvp": "finite_difference"}},
 }
 # The search objective: the classic unsupervised IR/VIS loss (towards the brighter source's
 # intensity and the stronger gradient) on a regression head. Under the default ir_vis loss
@@ -238,73 +240,40 @@ def retrain_and_score(results: list[dict[str, Any]], ctx: dict[str, Any], second
         result["vifb"] = {metric: summary[metric]["mean"] for metric in VIFB_METRICS}
 
 
-def plot_curves(results: list[dict[str, Any]], path: Path) -> None:
+def plot_curves(runs: list[dict[str, Any]], path: Path) -> None:
+    """The validation-loss curves of every method, one panel per seed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for result in results:
-        times, _, losses = zip(*result["curve"], strict=True)
-        ax.plot(times, losses, label=result["label"], drawstyle="steps-post" if result["label"] == "black_box" else None)
-    ax.set_xlabel("search wall time (s)")
-    ax.set_ylabel("validation fusion loss (fixed patches)")
-    ax.set_title("architecture search on IR/VIS (black_box: best trial so far)")
-    ax.legend()
+    fig, axes = plt.subplots(1, len(runs), figsize=(6.5 * len(runs), 4.5), squeeze=False, sharey=True)
+    for ax, run in zip(axes[0], runs, strict=True):
+        for result in run["results"]:
+            times, _, losses = zip(*result["curve"], strict=True)
+            ax.plot(times, losses, label=result["label"],
+                    drawstyle="steps-post" if result["label"] == "black_box" else None)
+        ax.set_xlabel("search wall time (s)")
+        ax.set_title(f"seed {run['seed']} (black_box: best trial so far)")
+        ax.legend()
+    axes[0][0].set_ylabel("validation fusion loss (fixed patches)")
+    fig.suptitle("architecture search on IR/VIS")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--budget", type=float, default=240.0, help="search wall seconds per method")
-    parser.add_argument("--retrain", type=float, default=180.0, help="training seconds per derived genotype")
-    parser.add_argument("--methods", nargs="+", default=METHODS)
-    parser.add_argument("--space", default="compact", help="search space name or YAML path")
-    parser.add_argument("--bb-trials", type=int, default=10, help="black-box trials in the budget")
-    parser.add_argument("--eval-every", type=float, default=10.0, help="seconds of search between evaluations")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--no-match-macs", dest="match_macs", action="store_false",
-                        help="derive the searched genotypes without the black box's MACs as their budget")
-    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "search.json"))
-    parser.add_argument("--workdir", default=None)
-    parser.add_argument("--task-overrides", nargs="*", default=TASK_OVERRIDES,
-                        help="train-config overrides of the task (its loss) for the searches and retraining")
-    args = parser.parse_args(argv)
-    if not (SHARED / "data" / "vifb").exists():
-        print(f"{SHARED / 'data' / 'vifb'} is absent: set TIMFUSION_SHARED", file=sys.stderr)
-        return 2
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="timfusion-search-bench-")).resolve()
-    workdir.mkdir(parents=True, exist_ok=True)
-    os.chdir(workdir)
-    torch.set_num_threads(os.cpu_count())
-    from timfusion.platform.config import compose, to_container
-    from timfusion.platform.jobs.common import task_from
-    from timfusion.platform.jobs.train import training_records
-    from timfusion.search_spaces.supernet import load_search_space
-
-    search_cfg = compose("search", [])
-    train_cfg = compose("train", list(args.task_overrides))
-    task = task_from(train_cfg)
-    train_records, val_records = training_records(train_cfg, task, workdir)
-    ctx = {
-        "seed": args.seed, "task": task, "space": load_search_space(args.space),
-        "search": to_container(search_cfg)["search"], "train": train_records, "val": val_records,
-        "loader": {"crop": int(search_cfg.crop), "batch_size": int(search_cfg.batch_size)},
-        "patches": fixed_patches(val_records, crop=int(search_cfg.crop), epochs=4, seed=12345),
-        "task_overrides": list(args.task_overrides),
-    }
-    print(f"{len(train_records)} train / {len(val_records)} val pairs; space {ctx['space'].name}; "
-          f"{args.budget:.0f} s per search, {args.retrain:.0f} s retraining; workdir {workdir}")
-    baseline = black_box(ctx, args.budget, args.bb_trials)
-    print(f"  black_box: {baseline['steps']} trials, best val loss {baseline['final_val_loss']:.5f}, "
-          f"{baseline['ops']}", flush=True)
+def run_seed(ctx: dict[str, Any], args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    """The black box, every method's search, retraining and VIFB scores for ``ctx["seed"]``;
+    the results, the targets' verdicts and the table rows of that seed."""
     from timfusion.search_spaces.genotype import Genotype
     from timfusion.search_spaces.network import FusionNetwork, count_macs
 
+    workdir.mkdir(parents=True, exist_ok=True)
+    print(f"seed {ctx['seed']}:", flush=True)
+    baseline = black_box(ctx, args.budget, args.bb_trials)
+    print(f"  black_box: {baseline['steps']} trials, best val loss {baseline['final_val_loss']:.5f}, "
+          f"{baseline['ops']}", flush=True)
     # Equal-cost comparison: every gradient search derives within the black box's MACs.
     max_macs = float(count_macs(FusionNetwork(Genotype.from_dict(baseline["genotype"])),
                                 *ctx["search"]["cost_size"], full=False)) if args.match_macs else None
@@ -324,6 +293,7 @@ def main(argv: list[str] | None = None) -> int:
             result["time_to_darts_final"] = time_to_reach(result["curve"], darts["final_val_loss"])
         if "implicit" in by_label:
             reached = by_label["implicit"]["time_to_darts_final"]
+            targets["implicit_time_fraction_of_darts"] = None if reached is None else reached / darts["seconds"]
             targets["implicit_reaches_darts_final_in_half_time"] = (
                 reached is not None and reached <= 0.5 * darts["seconds"]
             )
@@ -340,19 +310,84 @@ def main(argv: list[str] | None = None) -> int:
         "s to darts final": r.get("time_to_darts_final"), "genotype": r["ops"], "MMACs@256": r["macs"] / 1e6,
         "retrained val loss": r["retrain"]["val_loss"], **{f"VIFB {m}": r["vifb"][m] for m in VIFB_METRICS},
     } for r in results]
-    columns = list(rows[0])
-    table = text_table(rows, columns)
-    print(table)
-    print(json.dumps(targets))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    plot_curves(results, out.with_suffix(".png"))
-    payload = {"task_overrides": list(args.task_overrides), "machine": f"{os.cpu_count()} CPUs, torch {torch.__version__}", "load_average": os.getloadavg(),
-               "budget_s": args.budget, "retrain_s": args.retrain, "space": ctx["space"].name,
-               "results": results, "targets": targets, "workdir": str(workdir)}
-    partial = out.with_name(out.name + ".part")
-    partial.write_text(json.dumps(payload, indent=2, default=float) + "\n")
-    os.replace(partial, out)
+    print(f"  targets: {json.dumps(targets)}", flush=True)
+    return {"seed": ctx["seed"], "results": results, "targets": targets, "rows": rows}
+
+
+def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Over the seeds: how many meet each target, and both in the same seed."""
+    keys = ("implicit_reaches_darts_final_in_half_time", "implicit_beats_black_box_at_no_more_macs")
+    verdicts = [run["targets"] for run in runs]
+    summary: dict[str, Any] = {"seeds": [run["seed"] for run in runs]}
+    for key in keys:
+        summary[key] = sum(bool(v.get(key)) for v in verdicts)
+    summary["both_in_the_same_seed"] = sum(all(v.get(key) for key in keys) for v in verdicts)
+    fractions = [v.get("implicit_time_fraction_of_darts") for v in verdicts]
+    summary["implicit_time_fraction_of_darts"] = fractions
+    reached = [f for f in fractions if f is not None]
+    summary["median_time_fraction_of_darts"] = float(np.median(reached)) if len(reached) == len(fractions) else None
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--budget", type=float, default=240.0, help="search wall seconds per method")
+    parser.add_argument("--retrain", type=float, default=180.0, help="training seconds per derived genotype")
+    parser.add_argument("--methods", nargs="+", default=METHODS)
+    parser.add_argument("--space", default="compact", help="search space name or YAML path")
+    parser.add_argument("--bb-trials", type=int, default=10, help="black-box trials in the budget")
+    parser.add_argument("--eval-every", type=float, default=10.0, help="seconds of search between evaluations")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0],
+                        help="one whole comparison (black box, searches, retraining) per seed")
+    parser.add_argument("--no-match-macs", dest="match_macs", action="store_false",
+                        help="derive the searched genotypes without the black box's MACs as their budget")
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "search.json"))
+    parser.add_argument("--workdir", default=None)
+    parser.add_argument("--task-overrides", nargs="*", default=TASK_OVERRIDES,
+                        help="train-config overrides of the task (its loss) for the searches and retraining")
+    args = parser.parse_args(argv)
+    if not (SHARED / "data" / "vifb").exists():
+        print(f"{SHARED / 'data' / 'vifb'} is absent: set TIMFUSION_SHARED", file=sys.stderr)
+        return 2
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    out = Path(args.out).resolve()
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="timfusion-search-bench-")).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    os.chdir(workdir)
+    torch.set_num_threads(os.cpu_count())
+    from timfusion.platform.config import compose, to_container
+    from timfusion.platform.jobs.common import task_from
+    from timfusion.platform.jobs.train import training_records
+    from timfusion.search_spaces.supernet import load_search_space
+
+    search_cfg = compose("search", [])
+    train_cfg = compose("train", list(args.task_overrides))
+    task = task_from(train_cfg)
+    train_records, val_records = training_records(train_cfg, task, workdir)
+    ctx = {
+        "task": task, "space": load_search_space(args.space),
+        "search": to_container(search_cfg)["search"], "train": train_records, "val": val_records,
+        "loader": {"crop": int(search_cfg.crop), "batch_size": int(search_cfg.batch_size)},
+        "patches": fixed_patches(val_records, crop=int(search_cfg.crop), epochs=4, seed=12345),
+        "task_overrides": list(args.task_overrides),
+    }
+    print(f"{len(train_records)} train / {len(val_records)} val pairs; space {ctx['space'].name}; "
+          f"{args.budget:.0f} s per search, {args.retrain:.0f} s retraining; seeds {args.seeds}; workdir {workdir}")
+    runs: list[dict[str, Any]] = []
+    for seed in args.seeds:
+        runs.append(run_seed({**ctx, "seed": seed}, args, workdir / f"seed{seed}"))
+        summary = summarise(runs)
+        write_json(out, {  # after every seed, so a long run keeps what it has measured
+            "task_overrides": list(args.task_overrides), "machine": f"{os.cpu_count()} CPUs, torch {torch.__version__}",
+            "load_average": os.getloadavg(), "budget_s": args.budget, "retrain_s": args.retrain,
+            "space": ctx["space"].name, "method_settings": METHOD_SETTINGS, "summary": summary,
+            "runs": [{key: run[key] for key in ("seed", "results", "targets")} for run in runs],
+            "workdir": str(workdir),
+        })
+        plot_curves(runs, out.with_suffix(".png"))
+    rows = [{"seed": run["seed"], **row} for run in runs for row in run["rows"]]
+    print(text_table(rows, list(rows[0])))
+    print(json.dumps(summary))
     print(f"wrote {out} and {out.with_suffix('.png')}")
     return 0
 

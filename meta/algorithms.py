@@ -41,14 +41,16 @@ LossFn = Callable[[nn.Module, Mapping[str, Tensor]], Tensor]
 """The fusion loss of a network on a batch of patches: ``loss_fn(network, {"a", "b"})``."""
 
 
-def fusion_loss(loss_modules: Mapping[str, nn.Module]) -> Callable[[str], LossFn]:
-    """Per task name, ``(network, batch) -> the task's unsupervised loss of network.fuse``."""
+def fusion_loss(loss_modules: Mapping[str, nn.Module]) -> Callable[..., LossFn]:
+    """Per task name, ``(network, batch) -> the task's unsupervised loss of network.fuse``;
+    ``pixel_only=True`` keeps its pixel-fidelity terms only (the fidelity warm-up of training,
+    which keeps a fresh network out of contrast-inverted minima)."""
 
-    def for_task(name: str) -> LossFn:
+    def for_task(name: str, pixel_only: bool = False) -> LossFn:
         module = loss_modules[name]
 
         def loss(network: nn.Module, batch: Mapping[str, Tensor]) -> Tensor:
-            total, _ = module(batch["a"], batch["b"], network.fuse(batch["a"], batch["b"]))
+            total, _ = module(batch["a"], batch["b"], network.fuse(batch["a"], batch["b"]), pixel_only=pixel_only)
             return total
 
         return loss

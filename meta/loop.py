@@ -5,7 +5,8 @@ meta-batch's tasks, adapts on them with the configured :class:`~.algorithms.Meta
 and accumulates the meta-gradients; the workers then sum them with an all-reduce over
 the process group Ray Train set up (what DDP's reducer does, done by hand because the
 inner loop runs on learn2learn clones, not through a DDP forward), so every worker takes
-the same outer step. Rank 0 logs the query losses before and after adaptation, writes
+the same outer step. The first ``fidelity_warmup_steps`` outer steps use the losses'
+pixel-fidelity terms only (training's warm-up; multitask gets the same share). Rank 0 logs the query losses before and after adaptation, writes
 checkpoints through the worker context (a restarted or resumed run continues from the
 last one) and, at the end, the meta-initialized model (``model/model.pt``, the same file
 format as training's, with its genotype) and any extra meta-parameters.
@@ -75,6 +76,7 @@ def meta_worker(config: dict[str, Any]) -> None:
     steps, meta_batch = int(settings["steps"]), int(settings["meta_batch"])
     share = _share(meta_batch, ctx.rank, ctx.world_size)
     log_every, ckpt_every = int(settings["log_every"]), int(settings["checkpoint_every"])
+    fidelity_warmup = int(settings["fidelity_warmup_steps"])
     names = sorted(pools)
     window = torch.zeros(2 + 2 * len(names), dtype=torch.float64)  # before, after sums; per-task sums, counts
     started = time.perf_counter()
@@ -83,7 +85,8 @@ def meta_worker(config: dict[str, Any]) -> None:
             p.grad = None
         for _ in range(share):
             task = sampler.sample()
-            before, after = algorithm.accumulate(task, loss_for(task.task), 1.0 / meta_batch)
+            loss = loss_for(task.task, pixel_only=step < fidelity_warmup)
+            before, after = algorithm.accumulate(task, loss, 1.0 / meta_batch)
             index = names.index(task.task)
             window[0] += before
             window[1] += after

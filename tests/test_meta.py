@@ -210,6 +210,39 @@ def test_a_registered_meta_init_is_timfusion_meta_init_and_adapt_starts_from_its
     assert tags["init_run_id"] == meta_run["run_id"] and tags["init_model_version"] == "timfusion-meta-init/1"
 
 
+def test_the_fidelity_warm_up_keeps_only_the_pixel_terms(pools):
+    """Meta-training starts as training does: the first outer steps on the pixel-fidelity terms
+    (a fresh network otherwise settles in contrast-inverted minima that adaptation cannot leave)."""
+    task, _ = pools["multi_focus"]
+    module = task.build_loss()
+    sampler = TaskSampler({"multi_focus": pools["multi_focus"]}, support=2, query=2, crop=32, seed=0)
+    batch = sampler.sample().support
+    network = FusionNetwork("compact_regression")
+    with torch.no_grad():
+        fused = network.fuse(batch["a"], batch["b"])
+        full, parts = module(batch["a"], batch["b"], fused)
+        pixel = _losses(pools)("multi_focus", pixel_only=True)(network, batch)
+        default = _losses(pools)("multi_focus")(network, batch)
+    pixel_terms = [n for n in parts if getattr(module.terms[n], "pixel_fidelity", False)]
+    assert pixel_terms == ["focus"]
+    torch.testing.assert_close(pixel, module.weights["focus"] * parts["focus"])
+    torch.testing.assert_close(default, full)
+    assert float(pixel) < float(full)
+
+
+def test_a_meta_run_in_its_fidelity_warm_up_trains_on_the_pixel_terms(workdir):
+    from mlflow.tracking import MlflowClient
+
+    def first_query_loss(warmup: int, name: str) -> float:
+        result = _meta("cluster=none", "meta.steps=1", "meta.meta_batch=1", "meta.algorithm=fomaml",
+                       f"meta.fidelity_warmup_steps={warmup}", f"name={name}")
+        history = MlflowClient(result["tracking_uri"]).get_metric_history(result["run_id"], "query_loss/before")
+        return history[0].value
+
+    # the same seed, so the same first task and initial network: only the loss differs
+    assert first_query_loss(1, "w1") < first_query_loss(0, "w0")
+
+
 def test_adapt_from_multitask_trains_the_baseline_with_matching_compute(workdir):
     from mlflow.tracking import MlflowClient
 
@@ -219,6 +252,11 @@ def test_adapt_from_multitask_trains_the_baseline_with_matching_compute(workdir)
     client = MlflowClient(result["tracking_uri"])
     baseline = client.get_run(client.get_run(result["run_id"]).data.tags["init_run_id"])
     assert baseline.data.tags["algorithm"] == "multitask" and baseline.data.tags["final_step"] == "4"
+    # meta.fidelity_warmup_steps (20 by default) scales with the steps: the same share of them
+    from timfusion.platform.jobs.meta import multitask_config
+
+    cfg = multitask_config(compose("adapt", ["meta.steps=10", "meta.inner_steps=3", "meta.fidelity_warmup_steps=2"]))
+    assert (cfg.meta.steps, cfg.meta.fidelity_warmup_steps) == (40, 8)
     assert "multi_focus" not in baseline.data.tags["tasks"]
 
 
@@ -240,6 +278,7 @@ def test_meta_on_two_ray_train_workers_averages_and_checkpoints(ray_cluster, wor
         ("meta.exclude=[thermal]", "meta.exclude: thermal not among"),
         ("meta.tasks=[ir_vis,sonar]", "task 'sonar': unknown; valid choices:"),
         ("meta.meta_batch=1", "meta.meta_batch=1: fewer tasks than the 2 workers"),
+        ("meta.fidelity_warmup_steps=-1", "meta.fidelity_warmup_steps must be >= 0, got -1"),
     ],
 )
 def test_bad_meta_configs_fail_before_any_work(workdir, override, expected):

@@ -43,6 +43,8 @@ def check_meta_settings(settings: DictConfig) -> None:
     for key in ("inner_lr", "outer_lr", "grad_clip"):
         if not float(settings[key]) > 0:
             raise UserError(f"meta.{key} must be > 0, got {settings[key]}")
+    if int(settings.fidelity_warmup_steps) < 0:
+        raise UserError(f"meta.fidelity_warmup_steps must be >= 0, got {settings.fidelity_warmup_steps}")
     if not settings.tasks:
         raise UserError("meta.tasks: give at least one task")
 
@@ -109,7 +111,7 @@ def meta(cfg: DictConfig) -> dict[str, Any]:
 def multitask_config(cfg: DictConfig) -> DictConfig:
     """The ``meta`` job config of the multitask baseline for an adapt run: the same tasks, data and
     cluster as ``cfg.meta`` names, joint training, as many forward/backward passes as ``cfg.meta``'s
-    algorithm would spend."""
+    algorithm would spend (and the same share of them in the fidelity warm-up)."""
     from timfusion.meta.algorithms import META_ALGORITHMS
 
     settings = cfg.meta
@@ -120,6 +122,7 @@ def multitask_config(cfg: DictConfig) -> DictConfig:
             base[key] = OmegaConf.create(to_container(cfg[key]))
         base.meta.algorithm = "multitask"
         base.meta.steps = int(settings.steps) * passes
+        base.meta.fidelity_warmup_steps = int(settings.fidelity_warmup_steps) * passes  # the same share of the steps
         base.workdir = str(cfg.workdir)
         base.name = None
     return base

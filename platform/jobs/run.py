@@ -76,7 +76,8 @@ def _meta_and_adapt(cfg: DictConfig, workdir: Path, tracking: str) -> dict[str, 
         *data, "cluster=local", f"cluster.num_workers={spec.workers}", f"workdir={workdir / 'meta'}",
         f"meta.genotype={spec.genotype}", f"meta.algorithm={spec.algorithm}", f"meta.tasks={_list(spec.tasks)}",
         f"meta.exclude=[{spec.held_out}]",
-        f"meta.steps={spec.steps}", f"meta.meta_batch={spec.meta_batch}", f"meta.crop={spec.crop}",
+        f"meta.steps={spec.steps}", f"meta.fidelity_warmup_steps={spec.fidelity_warmup_steps}",
+        f"meta.meta_batch={spec.meta_batch}", f"meta.crop={spec.crop}",
         f"name=run-meta-{stamp}",
     ]))
     curves = {}
