@@ -181,6 +181,8 @@ def test_meta_run_then_adapt_from_its_run_id_loads_its_weights_and_trains(workdi
         torch.testing.assert_close(adapted[key], init[key], rtol=0, atol=1e-6)
     tags = client.get_run(frozen["run_id"]).data.tags
     assert tags["job"] == "adapt" and tags["init_run_id"] == meta_run["run_id"]
+    params = client.get_run(frozen["run_id"]).data.params  # a learned init skips training's warm-ups
+    assert (params["train.warmup_steps"], params["train.fidelity_warmup_steps"]) == ("0", "0")
 
     trained = _adapt("task=multi_focus", f"init=runs:/{meta_run['run_id']}", "steps=3", "name=a1")
     assert client.get_run(trained["run_id"]).data.tags["final_step"] == "3"

@@ -160,6 +160,9 @@ def adapt(cfg: DictConfig) -> dict[str, Any]:
             cfg.genotype = cfg.genotype or cfg.meta.genotype
         else:
             cfg.init_weights = reference
+            if not cfg.init_warmup:
+                cfg.train.warmup_steps = 0
+                cfg.train.fidelity_warmup_steps = 0
             if not cfg.genotype:
                 _, stored, _ = load_network(reference, cfg.tracking.uri)
                 path = Path(str(cfg.workdir)).resolve() / "genotypes" / f"{stored.name}.json"
