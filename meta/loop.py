@@ -6,9 +6,9 @@ and accumulates the meta-gradients; the workers then sum them with an all-reduce
 the process group Ray Train set up (what DDP's reducer does, done by hand because the
 inner loop runs on learn2learn clones, not through a DDP forward), so every worker takes
 the same outer step. The first ``fidelity_warmup_steps`` outer steps use the losses'
-pixel-fidelity terms only (training's warm-up; multitask gets the same share). Rank 0 logs the query losses before and after adaptation, writes
-checkpoints through the worker context (a restarted or resumed run continues from the
-last one) and, at the end, the meta-initialized model (``model/model.pt``, the same file
+pixel-fidelity terms only (training's warm-up; multitask gets the same share). Rank 0
+logs the query losses before and after adaptation, writes checkpoints through the worker
+context (a restarted or resumed run continues from the last one) and, at the end, the meta-initialized model (``model/model.pt``, the same file
 format as training's, with its genotype) and any extra meta-parameters.
 """
 
