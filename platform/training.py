@@ -211,11 +211,11 @@ def _out_of_time(started: float, budget_s: float | None, world_size: int) -> boo
 
 def train_worker(config: dict[str, Any]) -> None:
     """The per-worker training loop (see the module docstring); ``config`` is plain data."""
+    import warnings
+
     from timfusion.platform.tracking import Tracker
     from timfusion.search_spaces.genotype import Genotype
     from timfusion.search_spaces.network import FusionNetwork, save_model
-
-    import warnings
 
     warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
     train_cfg, guidance = config["train"], config["guidance"]
