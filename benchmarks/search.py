@@ -4,13 +4,14 @@ Usage::
 
     python benchmarks/search.py [--budget 240] [--retrain 180] [--space compact]
                                 [--methods first_order darts implicit tim darts@4]
-                                [--seeds 0 1 2] [--out benchmarks/results/search.json]
+                                [--seeds 0 1 2] [--threads N] [--out benchmarks/results/search.json]
 
 Data: the IR/VIS training data of ``timfusion train`` (../shared/data roadscene + msrs,
 the same seeded validation split); objective: the ir_vis task with the loss of
 :data:`TASK_OVERRIDES` (intensity towards the brighter source + 10 x gradient), on the
 ``compact`` space (regression head). Every search gets ``--budget`` seconds of wall time
-on this machine (all CPU threads, in this process; evaluation pauses the clock):
+on this machine (``--threads`` torch threads, default all, in this process; evaluation
+pauses the clock):
 
 * one bilevel search per hypergradient method on the ``--space`` supernet, with the
   settings of ``timfusion search`` (platform/conf/search.yaml ``search:``) and
@@ -58,8 +59,13 @@ from timfusion.platform.report import text_table, write_json
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("TIMFUSION_SHARED", REPO.parent / "shared"))
 METHODS = ["first_order", "darts", "implicit", "tim", "darts@4"]
+# implicit: 8 weight steps per hyperstep (the IFT assumes weights near their optimum), one
+# damped CG term on finite-difference products (three passes a hyperstep; undamped CG's
+# correction was noise on this supernet, RESULTS.md run E), and alpha's rate doubled: with
+# an eighth as many alpha steps per weight step it would otherwise travel a third of darts'.
 METHOD_SETTINGS: dict[str, dict[str, Any]] = {
-    "implicit": {"upper_every": 8, "hypergrad_options": {"solver": "cg", "terms": 2, "hvp": "finite_difference"}},
+    "implicit": {"upper_every": 8, "alpha_lr": 0.006,
+                 "hypergrad_options": {"solver": "cg", "terms": 1, "damping": 100.0, "hvp": "finite_difference"}},
 }
 # The search objective: the classic unsupervised IR/VIS loss (towards the brighter source's
 # intensity and the stronger gradient) on a regression head. Under the default ir_vis loss
@@ -126,7 +132,7 @@ def search_method(
             curve.append((clock, search.step_count, validation_loss(supernet, search.loss_fn, ctx["patches"])))
     unbounded = supernet.derive(max_skips=settings.max_skips)
     genotype = derive_genotype(supernet, settings, name=f"searched-{method}")
-    return {"label": label, "settings": {"upper_every": settings.upper_every,
+    return {"label": label, "settings": {"upper_every": settings.upper_every, "alpha_lr": settings.alpha_lr,
                                           "hypergrad_options": settings.hypergrad_options},
             "unbounded_ops": _ops(unbounded), "max_macs": max_macs,
             "seconds": clock, "steps": search.step_count, "curve": curve, "final_val_loss": smoothed(curve)[-1][1],
@@ -220,7 +226,8 @@ def retrain_and_score(results: list[dict[str, Any]], ctx: dict[str, Any], second
         path = workdir / f"{result['label']}.json"
         path.write_text(genotype.to_json())
         run = train(compose("train", [
-            *ctx["task_overrides"], f"genotype={path}", "cluster=none", f"cluster.cpus_per_worker={os.cpu_count()}",
+            *ctx["task_overrides"], f"genotype={path}", "cluster=none",
+            f"cluster.cpus_per_worker={ctx['threads']}",
             "train.steps=100000", f"train.time_budget_s={seconds}", "train.checkpoint_every=1000",
             "train.log_every=20", f"name=search-bench-{result['label']}-{int(time.time())}",
         ]))
@@ -304,7 +311,8 @@ def run_seed(ctx: dict[str, Any], args: argparse.Namespace, workdir: Path) -> di
         targets["implicit_wins_on"] = wins
     rows = [{
         "method": r["label"],
-        "schedule": (f"upper every {r['settings']['upper_every']}, {r['settings']['hypergrad_options'] or 'defaults'}"
+        "schedule": (f"upper every {r['settings']['upper_every']}, alpha lr {r['settings']['alpha_lr']}, "
+                     f"{r['settings']['hypergrad_options'] or 'defaults'}"
                      if "upper_every" in r["settings"] else f"{r['settings']['trials']} trials"),
         "steps": r["steps"], "search s": r["seconds"], "final val loss": r["final_val_loss"],
         "s to darts final": r.get("time_to_darts_final"), "genotype": r["ops"], "MMACs@256": r["macs"] / 1e6,
@@ -341,6 +349,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="one whole comparison (black box, searches, retraining) per seed")
     parser.add_argument("--no-match-macs", dest="match_macs", action="store_false",
                         help="derive the searched genotypes without the black box's MACs as their budget")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(),
+                        help="torch threads for the searches and the retraining (these small networks run"
+                             " about as fast on one: see RESULTS.md)")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "search.json"))
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--task-overrides", nargs="*", default=TASK_OVERRIDES,
@@ -354,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="timfusion-search-bench-")).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     os.chdir(workdir)
-    torch.set_num_threads(os.cpu_count())
+    torch.set_num_threads(args.threads)
     from timfusion.platform.config import compose, to_container
     from timfusion.platform.jobs.common import task_from
     from timfusion.platform.jobs.train import training_records
@@ -369,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
         "search": to_container(search_cfg)["search"], "train": train_records, "val": val_records,
         "loader": {"crop": int(search_cfg.crop), "batch_size": int(search_cfg.batch_size)},
         "patches": fixed_patches(val_records, crop=int(search_cfg.crop), epochs=4, seed=12345),
-        "task_overrides": list(args.task_overrides),
+        "task_overrides": list(args.task_overrides), "threads": args.threads,
     }
     print(f"{len(train_records)} train / {len(val_records)} val pairs; space {ctx['space'].name}; "
           f"{args.budget:.0f} s per search, {args.retrain:.0f} s retraining; seeds {args.seeds}; workdir {workdir}")
@@ -378,7 +389,8 @@ def main(argv: list[str] | None = None) -> int:
         runs.append(run_seed({**ctx, "seed": seed}, args, workdir / f"seed{seed}"))
         summary = summarise(runs)
         write_json(out, {  # after every seed, so a long run keeps what it has measured
-            "task_overrides": list(args.task_overrides), "machine": f"{os.cpu_count()} CPUs, torch {torch.__version__}",
+            "task_overrides": list(args.task_overrides), "threads": args.threads,
+            "machine": f"{os.cpu_count()} CPUs, torch {torch.__version__}",
             "load_average": os.getloadavg(), "budget_s": args.budget, "retrain_s": args.retrain,
             "space": ctx["space"].name, "method_settings": METHOD_SETTINGS, "summary": summary,
             "runs": [{key: run[key] for key in ("seed", "results", "targets")} for run in runs],

@@ -130,6 +130,43 @@ def test_finite_difference_products_match_the_exact_ones(solver, terms):
     torch.testing.assert_close(grads["finite_difference"], grads["exact"], rtol=1e-5, atol=1e-9)
 
 
+@pytest.mark.parametrize("solver, terms", [("cg", 8), ("neumann", 400)])
+def test_damping_solves_the_proximal_system(solver, terms):
+    """With ``damping`` the correction is ``M (H + damping I)^-1 dF/dw``, checked against a dense solve."""
+    problem = Ridge()
+    damping = 0.7
+    hessian = problem.hessian(problem.alpha.detach())
+    (g_upper,) = torch.autograd.grad(problem.upper(), problem.w)
+    mixed = torch.diag(2 * torch.exp(problem.alpha.detach()) * problem.w.detach())  # d2f/dalpha dw
+    damped = hessian + damping * torch.eye(len(hessian), dtype=hessian.dtype)
+    expected = -mixed @ torch.linalg.solve(damped, g_upper)
+    method = build_hypergrad(
+        "implicit", weight_lr=1.0 / (problem.largest_curvature() + damping), solver=solver, terms=terms,
+        tol=1e-24, damping=damping,
+    )
+    grad = method(problem.upper, problem.lower, [problem.w], [problem.alpha])[0]
+    torch.testing.assert_close(grad, expected, rtol=1e-5, atol=1e-9)
+    assert _cosine(grad, problem.exact()) < 1 - 1e-6  # damping changes the answer, as it should
+
+
+def test_cg_stops_at_non_positive_curvature():
+    """On a concave lower level the first CG direction has negative curvature: no correction
+    (plain CG would step to the saddle, -g_F, and return a hypergradient of g_F)."""
+    w = torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64, requires_grad=True)
+    alpha = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+
+    def lower():
+        return -0.5 * (w**2).sum() + (alpha * w).sum()
+
+    def upper():
+        return ((w - 1) ** 2).sum()
+
+    for hvp in ("exact", "finite_difference"):
+        method = build_hypergrad("implicit", weight_lr=0.1, solver="cg", terms=3, hvp=hvp)
+        grad = method(upper, lower, [w], [alpha])[0]
+        assert torch.equal(grad, torch.zeros(3, dtype=torch.float64))
+
+
 def test_neumann_error_shrinks_with_more_terms():
     problem = Ridge()
     exact = problem.exact()
@@ -168,6 +205,7 @@ def test_tim_sign_is_checked_and_both_signs_are_measured(capsys):
         ("implicit", {"terms": 0}, "terms must be >= 1"),
         ("implicit", {"hvp": "bfgs"}, "hvp must be 'exact' or 'finite_difference'"),
         ("implicit", {"epsilon": 0.0}, "epsilon must be > 0"),
+        ("implicit", {"damping": -1.0}, "damping must be >= 0"),
         ("darts", {"weight_lr": 0.0}, "weight_lr must be > 0"),
     ],
 )
