@@ -4,7 +4,8 @@ Usage::
 
     python benchmarks/meta.py [--families ir_vis medical multi_exposure multi_focus]
                               [--algorithm maml] [--meta-steps 100] [--adapt-steps 200]
-                              [--random-steps 1000] [--data task] [--out benchmarks/results/meta.json]
+                              [--random-steps 1000] [--data task] [--threads N]
+                              [--out benchmarks/results/meta.json]
 
 For each family held out in turn (``meta.exclude=[FAMILY]``), on the real data of
 ../shared/data (``--data task``; ``synthetic`` for a quick look):
@@ -54,7 +55,7 @@ VAL = ["loss", "VIF", "Qabf"]
 
 
 def _common(args: argparse.Namespace, workdir: Path) -> list[str]:
-    return ["cluster=none", f"cluster.cpus_per_worker={os.cpu_count()}", f"data={args.data}",
+    return ["cluster=none", f"cluster.cpus_per_worker={args.threads}", f"data={args.data}",
             f"tracking.uri=sqlite:///{workdir / 'mlflow.db'}", f"cluster.storage_path={workdir / 'ray'}",
             f"workdir={workdir / 'work'}"]
 
@@ -181,10 +182,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--data", default="task", choices=["task", "synthetic"])
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads of every run")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "meta.json"))
     parser.add_argument("--workdir", default=None)
     args = parser.parse_args(argv)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    torch.set_num_threads(args.threads)
     out = Path(args.out).resolve()  # before the chdir: a relative --out is the caller's
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="timfusion-meta-bench-")).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
