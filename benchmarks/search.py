@@ -33,9 +33,8 @@ black box's MACs (``search.max_macs``, the budgeted derivation of
 off), so the comparison is at equal or lower cost. Each derived genotype is retrained
 with ``timfusion train`` (in-process, ``--retrain`` seconds, the training defaults but
 :data:`RETRAIN_OVERRIDES`) and fuses the 21 VIFB pairs, scored with the tang metrics.
-``--seeds`` repeats the whole
-comparison (black box included) per seed and counts the seeds that meet each target and
-both. Targets: ``implicit`` reaches ``darts``'s final validation loss in at most half
+``--seeds`` repeats the whole comparison (black box included) per seed and counts the
+seeds that meet each target and both. Targets: ``implicit`` reaches ``darts``'s final validation loss in at most half
 ``darts``'s time, and the implicit genotype beats the black-box one (higher on at least
 two of VIFB's MI, Qabf, VIF) at equal or fewer MACs. Prints the table, writes the JSON
 and a PNG of the validation-loss curves beside it.
@@ -61,9 +60,10 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("TIMFUSION_SHARED", REPO.parent / "shared"))
 METHODS = ["first_order", "darts", "implicit", "tim", "darts@4"]
 # implicit: 8 weight steps per hyperstep (the IFT assumes weights near their optimum), one
-# damped CG term on finite-difference products (three passes a hyperstep; undamped CG's
-# correction was noise on this supernet, RESULTS.md run E), and alpha's rate doubled: with
-# an eighth as many alpha steps per weight step it would otherwise travel a third of darts'.
+# damped CG term on finite-difference products (three passes a hyperstep; undamped, CG's
+# correction was noise on this supernet: RESULTS.md, hypergradients), and alpha's rate
+# doubled: with an eighth as many alpha steps per weight step it would otherwise travel a
+# third of darts' distance.
 METHOD_SETTINGS: dict[str, dict[str, Any]] = {
     "implicit": {"upper_every": 8, "alpha_lr": 0.006,
                  "hypergrad_options": {"solver": "cg", "terms": 1, "damping": 100.0, "hvp": "finite_difference"}},

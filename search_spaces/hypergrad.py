@@ -163,7 +163,8 @@ class Implicit(Hypergradient):
     correction swamp the direct term with noise (measured: cosine between the direct term
     and the hypergradient from -0.64 to +0.68 over a search). ``damping`` solves
     ``(H + damping I) p = g_F`` instead (both solvers): the proximal lower level of iMAML
-    (Rajeswaran et al. 2019), which bounds ``p`` by ``|g_F| / damping``.
+    (Rajeswaran et al. 2019), which bounds ``p`` by ``|g_F| / damping`` where H is positive
+    semi-definite.
 
     Each second-order product gives ``d2f/dw2 d`` and ``d2f/dalpha dw d`` together, so the
     mixed term of ``p``, a linear combination of the products' directions, costs nothing
