@@ -180,3 +180,20 @@ def test_an_interrupted_search_resumes_and_runs_every_trial_once(ray_cluster, wo
     trials = [r for r in _children(result) if r.data.tags.get("job") == "search-trial"]
     assert len({r.info.run_id for r in trials}) == len(trials)
     assert sorted(r.data.metrics["step"] for r in trials if r.info.status == "FINISHED") == [8, 8, 8]
+
+
+def test_nsga2_sampler_survives_pickling_and_keeps_sampling():
+    """Tune pickles its searcher into the experiment state (and unpickles it on resume); Optuna
+    5.1's NSGA-II holds a thread lock, which plain pickling refuses."""
+    import pickle
+
+    import optuna
+
+    from timfusion.platform.samplers import NSGAIISampler
+
+    sampler = pickle.loads(pickle.dumps(NSGAIISampler(seed=0, population_size=4)))
+    study = optuna.create_study(directions=["minimize", "minimize"], sampler=sampler)
+    study.optimize(lambda trial: (trial.suggest_float("x", 0, 1), trial.suggest_float("y", 0, 1)), n_trials=10)
+    assert len(study.trials) == 10 and len(study.best_trials) >= 1
+    again = pickle.loads(pickle.dumps(sampler))  # after sampling too, with its caches filled
+    assert again.__dict__.keys() == sampler.__dict__.keys()
