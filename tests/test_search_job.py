@@ -193,7 +193,10 @@ def test_nsga2_sampler_survives_pickling_and_keeps_sampling():
 
     sampler = pickle.loads(pickle.dumps(NSGAIISampler(seed=0, population_size=4)))
     study = optuna.create_study(directions=["minimize", "minimize"], sampler=sampler)
-    study.optimize(lambda trial: (trial.suggest_float("x", 0, 1), trial.suggest_float("y", 0, 1)), n_trials=10)
+    def objective(trial: optuna.Trial) -> tuple[float, float]:
+        return trial.suggest_float("x", 0, 1), trial.suggest_float("y", 0, 1)
+
+    study.optimize(objective, n_trials=10)
     assert len(study.trials) == 10 and len(study.best_trials) >= 1
     again = pickle.loads(pickle.dumps(sampler))  # after sampling too, with its caches filled
     assert again.__dict__.keys() == sampler.__dict__.keys()

@@ -279,7 +279,9 @@ def _run_tuner(cfg: DictConfig, base: dict[str, Any], domains: dict[str, Any], n
 
     seed = int(cfg.seed)
     if cfg.tune.multi_objective:
-        searcher = OptunaSearch(metric=["val_loss", "macs"], mode=["min", "min"], sampler=NSGAIISampler(seed=seed))
+        searcher = OptunaSearch(
+            metric=["val_loss", "macs"], mode=["min", "min"], sampler=NSGAIISampler(seed=seed)
+        )
         scheduler, metric, mode = None, None, None
     else:
         searcher = OptunaSearch(metric="score", mode="min", sampler=optuna.samplers.TPESampler(seed=seed))
