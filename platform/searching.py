@@ -105,6 +105,7 @@ def search_trial(config: dict[str, Any]) -> None:
 
     checkpoint = ray.tune.get_checkpoint()
     info: dict[str, Any] = {}
+    logged_until = -1
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             state = torch.load(Path(folder) / TRIAL_STATE, weights_only=False)
@@ -115,6 +116,7 @@ def search_trial(config: dict[str, Any]) -> None:
         tracker = Tracker(config["tracking_uri"], info["mlflow_run_id"])
         # a lost worker or node, or a restored search: continued from this step, not from 0
         tracker.log_metrics({"restored_from_step": search.step_count}, step=search.step_count)
+        logged_until = tracker.last_step("val_loss")
     else:
         trial = context.get_trial_name() or "trial"
         tracker = Tracker.start(
@@ -162,7 +164,8 @@ def search_trial(config: dict[str, Any]) -> None:
             step=search.step_count,
             seconds=time.perf_counter() - started,
         )
-        tracker.log_metrics(metrics, step=search.step_count)
+        if search.step_count > logged_until:  # logged before the restore: the first values stay
+            tracker.log_metrics(metrics, step=search.step_count)
         done = search.step_count >= steps
         if done:
             tracker.log_text(genotype.to_json(), "genotype/genotype.json")

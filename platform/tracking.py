@@ -115,6 +115,11 @@ class Tracker:
         if batch:
             self.client.log_batch(self.run_id, metrics=batch)
 
+    def last_step(self, key: str) -> int:
+        """The highest step at which ``key`` was logged, -1 if never: a run restored from an older
+        checkpoint replays steps it already logged, and skips logging them a second time."""
+        return max((metric.step for metric in self.client.get_metric_history(self.run_id, key)), default=-1)
+
     def set_tags(self, tags: dict[str, Any]) -> None:
         for key, value in tags.items():
             self.client.set_tag(self.run_id, key, redact(str(value)))

@@ -260,8 +260,10 @@ def train_worker(config: dict[str, Any]) -> None:
     loss_fn = task.build_loss().to(ctx.device)
     amp = ctx.device.type == "cuda" and bool(train_cfg["amp"])
     tracker = Tracker(config["tracking_uri"], config["mlflow_run_id"]) if ctx.rank == 0 else None
+    logged_until = -1
     if tracker is not None and state is not None:  # a restarted worker group or resume=true
         tracker.log_metrics({"restored_from_step": step}, step=step)
+        logged_until = tracker.last_step("loss/total")
     val_records = [PairRecord(**r) for r in config["val_records"]]
     fault_step = (config.get("faults") or {}).get("kill_worker_at_step")
     fault_marker = Path(config["run_dir"]) / ".fault_injected"
@@ -328,7 +330,7 @@ def train_worker(config: dict[str, Any]) -> None:
                 val_metrics, grid = validate(network, head, val_records, task, ctx.device, config)
                 metrics.update({f"val/{k}": v for k, v in val_metrics.items()})
                 tracker.log_bytes(grid, f"validation/step_{step:07d}.png")
-            if tracker is not None:
+            if tracker is not None and step > logged_until:  # logged before the restart: the first values stay
                 tracker.log_metrics({k: v for k, v in metrics.items() if k != "step"}, step=step)
             payload = None
             if checkpoint_now and ctx.rank == 0:
