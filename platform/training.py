@@ -330,7 +330,7 @@ def train_worker(config: dict[str, Any]) -> None:
                 val_metrics, grid = validate(network, head, val_records, task, ctx.device, config)
                 metrics.update({f"val/{k}": v for k, v in val_metrics.items()})
                 tracker.log_bytes(grid, f"validation/step_{step:07d}.png")
-            if tracker is not None and step > logged_until:  # logged before the restart: the first values stay
+            if tracker is not None and step > logged_until:  # logged before the restart: first values stay
                 tracker.log_metrics({k: v for k, v in metrics.items() if k != "step"}, step=step)
             payload = None
             if checkpoint_now and ctx.rank == 0:
