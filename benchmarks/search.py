@@ -365,7 +365,7 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
     summary["median_time_fraction_of_darts"] = float(np.median(reached)) if complete else None
     summary["mean_time_fraction_of_darts"] = float(np.mean(reached)) if complete else None
     summary["pooled_reaches_darts_final_in_half_time"] = complete and float(np.mean(reached)) <= 0.5
-    pairs = [({r["label"]: r for r in run["results"]}) for run in runs]
+    pairs = [{r["label"]: r for r in run["results"]} for run in runs]
     if pairs and all("implicit" in p and "black_box" in p for p in pairs):
         means = {label: {m: float(np.mean([p[label]["vifb"][m] for p in pairs])) for m in TARGET_METRICS}
                  for label in ("implicit", "black_box")}

@@ -114,9 +114,7 @@ def search_trial(config: dict[str, Any]) -> None:
     context = ray.tune.get_context()
     if info.get("mlflow_run_id"):
         tracker = Tracker(config["tracking_uri"], info["mlflow_run_id"])
-        # a lost worker or node, or a restored search: continued from this step, not from 0
-        tracker.log_metrics({"restored_from_step": search.step_count}, step=search.step_count)
-        logged_until = tracker.last_step("val_loss")
+        logged_until = tracker.restored(search.step_count, "val_loss")
     else:
         trial = context.get_trial_name() or "trial"
         tracker = Tracker.start(

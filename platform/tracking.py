@@ -115,9 +115,11 @@ class Tracker:
         if batch:
             self.client.log_batch(self.run_id, metrics=batch)
 
-    def last_step(self, key: str) -> int:
-        """The highest step at which ``key`` was logged, -1 if never: a run restored from an older
-        checkpoint replays steps it already logged, and skips logging them a second time."""
+    def restored(self, step: int, key: str) -> int:
+        """Record that the run continues from a checkpoint at ``step`` (a lost worker or node,
+        resume=true) and return the highest step at which ``key`` was already logged: the run
+        replays the steps after its checkpoint, and does not log those a second time."""
+        self.log_metrics({"restored_from_step": step}, step=step)
         return max((metric.step for metric in self.client.get_metric_history(self.run_id, key)), default=-1)
 
     def set_tags(self, tags: dict[str, Any]) -> None:

@@ -262,8 +262,7 @@ def train_worker(config: dict[str, Any]) -> None:
     tracker = Tracker(config["tracking_uri"], config["mlflow_run_id"]) if ctx.rank == 0 else None
     logged_until = -1
     if tracker is not None and state is not None:  # a restarted worker group or resume=true
-        tracker.log_metrics({"restored_from_step": step}, step=step)
-        logged_until = tracker.last_step("loss/total")
+        logged_until = tracker.restored(step, "loss/total")
     val_records = [PairRecord(**r) for r in config["val_records"]]
     fault_step = (config.get("faults") or {}).get("kill_worker_at_step")
     fault_marker = Path(config["run_dir"]) / ".fault_injected"
