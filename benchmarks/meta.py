@@ -3,7 +3,8 @@
 Usage::
 
     python benchmarks/meta.py [--families ir_vis medical multi_exposure multi_focus]
-                              [--algorithm maml] [--meta-steps 100] [--adapt-steps 200]
+                              [--algorithm maml] [--meta-steps 100] [--inner-steps 3]
+                              [--adapt-steps 200]
                               [--random-steps 1000] [--data task] [--threads N]
                               [--out benchmarks/results/meta.json]
 
@@ -68,7 +69,7 @@ def _common(args: argparse.Namespace, workdir: Path) -> list[str]:
 def _meta_overrides(args: argparse.Namespace, family: str) -> list[str]:
     return [f"meta.genotype={args.genotype}", f"meta.algorithm={args.algorithm}", f"meta.steps={args.meta_steps}",
             f"meta.exclude=[{family}]",
-            f"meta.tasks=[{','.join(META_TASKS)}]", f"meta.seed={args.seed}"]
+            f"meta.tasks=[{','.join(META_TASKS)}]", f"meta.seed={args.seed}", f"meta.inner_steps={args.inner_steps}"]
 
 
 def _adapt_overrides(args: argparse.Namespace, steps: int, val_every: int | None = None) -> list[str]:
@@ -195,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--algorithm", default="maml")
     parser.add_argument("--genotype", default=GENOTYPE, help="the network whose initialization is learned")
     parser.add_argument("--meta-steps", type=int, default=100)
+    parser.add_argument("--inner-steps", type=int, default=3, help="meta.inner_steps (the multitask baseline's "
+                        "steps grow with it: equal forward/backward passes)")
     parser.add_argument("--adapt-steps", type=int, default=200)
     parser.add_argument("--random-steps", type=int, default=1000)
     parser.add_argument("--val-every", type=int, default=10, help="validation interval of meta/multitask adaptation")
