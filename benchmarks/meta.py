@@ -69,7 +69,8 @@ def _common(args: argparse.Namespace, workdir: Path) -> list[str]:
 def _meta_overrides(args: argparse.Namespace, family: str) -> list[str]:
     return [f"meta.genotype={args.genotype}", f"meta.algorithm={args.algorithm}", f"meta.steps={args.meta_steps}",
             f"meta.exclude=[{family}]",
-            f"meta.tasks=[{','.join(META_TASKS)}]", f"meta.seed={args.seed}", f"meta.inner_steps={args.inner_steps}"]
+            f"meta.tasks=[{','.join(META_TASKS)}]", f"meta.seed={args.seed}",
+            f"meta.inner_steps={args.inner_steps}"]
 
 
 def _adapt_overrides(args: argparse.Namespace, steps: int, val_every: int | None = None) -> list[str]:
@@ -115,8 +116,11 @@ def smoothed(points: list[tuple[int, float]]) -> list[tuple[int, float]]:
     small training crops put into a single validation."""
     half = SMOOTH // 2
     losses = [loss for _, loss in points]
-    return [(step, sum(window) / len(window))
-            for i, (step, _) in enumerate(points) for window in [losses[max(0, i - half):i + half + 1]]]
+    levels = []
+    for i, (step, _) in enumerate(points):
+        window = losses[max(0, i - half):i + half + 1]
+        levels.append((step, sum(window) / len(window)))
+    return levels
 
 
 def reference_loss(points: list[tuple[int, float]]) -> float:
