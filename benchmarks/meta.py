@@ -200,8 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--algorithm", default="maml")
     parser.add_argument("--genotype", default=GENOTYPE, help="the network whose initialization is learned")
     parser.add_argument("--meta-steps", type=int, default=100)
-    parser.add_argument("--inner-steps", type=int, default=3, help="meta.inner_steps (the multitask baseline's "
-                        "steps grow with it: equal forward/backward passes)")
+    parser.add_argument("--inner-steps", type=int, default=3,
+                        help="meta.inner_steps (the multitask baseline's steps grow with it: equal passes)")
     parser.add_argument("--adapt-steps", type=int, default=200)
     parser.add_argument("--random-steps", type=int, default=1000)
     parser.add_argument("--val-every", type=int, default=10, help="validation interval of meta/multitask adaptation")
