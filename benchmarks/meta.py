@@ -45,6 +45,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from statistics import fmean
 from typing import Any
 
 import torch
@@ -111,21 +112,15 @@ def step_zero(reference: str | None, family: str, args: argparse.Namespace, work
 
 
 def smoothed(points: list[tuple[int, float]]) -> list[tuple[int, float]]:
-    """(step, mean of the :data:`SMOOTH` validations centred on it, fewer at the ends): the loss
-    level at each step, without the +-0.1-0.3 swings that BatchNorm's running statistics of
-    small training crops put into a single validation."""
+    """(step, mean of the :data:`SMOOTH` validations centred on it, fewer at the ends)."""
     half = SMOOTH // 2
     losses = [loss for _, loss in points]
-    levels = []
-    for i, (step, _) in enumerate(points):
-        window = losses[max(0, i - half):i + half + 1]
-        levels.append((step, sum(window) / len(window)))
-    return levels
+    return [(step, fmean(losses[max(0, i - half):i + half + 1])) for i, (step, _) in enumerate(points)]
 
 
 def reference_loss(points: list[tuple[int, float]]) -> float:
     """Random init's loss after its run: the mean of its last :data:`SMOOTH` validations."""
-    return sum(loss for _, loss in points[-SMOOTH:]) / len(points[-SMOOTH:])
+    return fmean(loss for _, loss in points[-SMOOTH:])
 
 
 def steps_to_reach(points: list[tuple[int, float]], target: float) -> int | None:
