@@ -40,6 +40,7 @@ run: install
 	$(BIN)/timfusion run
 
 test: install
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -m "not slow" -q
 
 test-all: install

@@ -68,16 +68,17 @@ def _common(args: argparse.Namespace, workdir: Path) -> list[str]:
 
 
 def _meta_overrides(args: argparse.Namespace, family: str) -> list[str]:
-    return [f"meta.genotype={args.genotype}", f"meta.algorithm={args.algorithm}", f"meta.steps={args.meta_steps}",
-            f"meta.exclude=[{family}]",
+    return [f"meta.genotype={args.genotype}", f"meta.algorithm={args.algorithm}",
+            f"meta.steps={args.meta_steps}", f"meta.exclude=[{family}]",
             f"meta.tasks=[{','.join(META_TASKS)}]", f"meta.seed={args.seed}",
             f"meta.inner_steps={args.inner_steps}"]
 
 
 def _adapt_overrides(args: argparse.Namespace, steps: int, val_every: int | None = None) -> list[str]:
     val_every = val_every or args.val_every
-    return [f"steps={steps}", f"train.val_every={val_every}", "train.val_max_pairs=4", "val_metrics=[VIF,Qabf]",
-            "guidance.weight=0", f"train.crop={args.crop}", f"train.batch_size={args.batch}",
+    return [f"steps={steps}", f"train.val_every={val_every}", "train.val_max_pairs=4",
+            "val_metrics=[VIF,Qabf]", "guidance.weight=0", f"train.crop={args.crop}",
+            f"train.batch_size={args.batch}",
             f"train.checkpoint_every={steps}", f"train.log_every={val_every}", f"train.seed={args.seed}"]
 
 
@@ -86,10 +87,12 @@ def curve(run: dict[str, Any]) -> dict[str, list[tuple[int, float]]]:
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(run["tracking_uri"])
-    return {m: sorted((h.step, h.value) for h in client.get_metric_history(run["run_id"], f"val/{m}")) for m in VAL}
+    return {m: sorted((h.step, h.value) for h in client.get_metric_history(run["run_id"], f"val/{m}"))
+            for m in VAL}
 
 
-def step_zero(reference: str | None, family: str, args: argparse.Namespace, workdir: Path) -> dict[str, float]:
+def step_zero(reference: str | None, family: str, args: argparse.Namespace,
+              workdir: Path) -> dict[str, float]:
     """The initialization itself on the family's validation pairs (the adapt run's step 0)."""
     from timfusion.platform.config import compose, to_container
     from timfusion.platform.jobs.common import task_from
@@ -146,14 +149,16 @@ def held_out(family: str, args: argparse.Namespace, workdir: Path) -> dict[str, 
     multitask_run = meta(multitask_cfg)
     multitask_seconds = time.perf_counter() - started
     inits = {"meta": meta_run["run_id"], "multitask": multitask_run["run_id"], "random": None}
-    result: dict[str, Any] = {"family": family, "meta_run": meta_run["run_id"], "multitask_run": multitask_run["run_id"],
-                              "meta_seconds": meta_seconds, "multitask_seconds": multitask_seconds, "inits": {}}
+    result: dict[str, Any] = {"family": family, "meta_run": meta_run["run_id"],
+                              "multitask_run": multitask_run["run_id"], "meta_seconds": meta_seconds,
+                              "multitask_seconds": multitask_seconds, "inits": {}}
     for label, run_id in inits.items():
         steps = args.random_steps if label == "random" else args.adapt_steps
         val_every = args.random_val_every if label == "random" else args.val_every
         run = adapt(compose("adapt", [*common, f"task={family}", f"init={run_id or 'random'}",
                                       f"meta.genotype={args.genotype}",
-                                      *_adapt_overrides(args, steps, val_every), f"name=adapt-{family}-{label}"]))
+                                      *_adapt_overrides(args, steps, val_every),
+                                      f"name=adapt-{family}-{label}"]))
         points = curve(run)
         zero = step_zero(f"runs:/{run_id}" if run_id else None, family, args, workdir)
         for metric in VAL:
@@ -199,7 +204,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="meta.inner_steps (the multitask baseline's steps grow with it: equal passes)")
     parser.add_argument("--adapt-steps", type=int, default=200)
     parser.add_argument("--random-steps", type=int, default=1000)
-    parser.add_argument("--val-every", type=int, default=10, help="validation interval of meta/multitask adaptation")
+    parser.add_argument("--val-every", type=int, default=10,
+                        help="validation interval of meta/multitask adaptation")
     parser.add_argument("--random-val-every", type=int, default=10, help="validation interval of random init")
     parser.add_argument("--crop", type=int, default=64)
     parser.add_argument("--batch", type=int, default=4)
@@ -235,7 +241,8 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace, out: Path, w
             rows.append(row)
             found = entry["steps_to_random_final"]
             reach.append({"held out": result["family"], "init": label,
-                          f"steps to random@{args.random_steps}": found if found is not None else f">{entry['steps']}"})
+                          f"steps to random@{args.random_steps}":
+                              found if found is not None else f">{entry['steps']}"})
     targets = {}
     for result in results:
         inits = result["inits"]
@@ -245,7 +252,8 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace, out: Path, w
         multitask_steps = inits["multitask"]["steps_to_random_final"]
         targets[result["family"]] = {
             "meta_10x_fewer_than_random": meta_steps is not None and meta_steps * 10 <= random_steps,
-            "meta_fewer_than_multitask": meta_steps is not None and (multitask_steps is None or meta_steps < multitask_steps),
+            "meta_fewer_than_multitask": meta_steps is not None and (multitask_steps is None
+                                                                     or meta_steps < multitask_steps),
         }
     print(text_table(rows, list(rows[0])))
     print(text_table(reach, list(reach[0])))

@@ -61,8 +61,8 @@ def main(argv: list[str] | None = None) -> int:
         if not link.exists():
             link.symlink_to(SHARED / "data" / "vifb" / "fused" / method)
     for name in BASELINES:
-        fuse(compose("fuse", [f"model=baseline:{name}", "data.dataset=vifb", f"out={fused_root / ('baseline_' + name)}",
-                              "overwrite=true"]))
+        fuse(compose("fuse", [f"model=baseline:{name}", "data.dataset=vifb",
+                              f"out={fused_root / ('baseline_' + name)}", "overwrite=true"]))
     trained = {}
     for genotype in args.genotypes:
         started = time.perf_counter()
@@ -75,8 +75,8 @@ def main(argv: list[str] | None = None) -> int:
         fuse(compose("fuse", [f"model=runs:/{result['run_id']}", "data.dataset=vifb",
                               f"out={fused_root / ('timfusion_' + genotype)}", "overwrite=true"]))
     metrics_list = "[" + ",".join(METRICS) + "]"
-    scored = evaluate(compose("evaluate", ["data.dataset=vifb", f"fused={fused_root}", f"metrics={metrics_list}",
-                                           f"out={workdir / 'evaluate'}"]))
+    scored = evaluate(compose("evaluate", ["data.dataset=vifb", f"fused={fused_root}",
+                                           f"metrics={metrics_list}", f"out={workdir / 'evaluate'}"]))
     summaries = scored["summaries"]
     targets = {}
     for genotype in args.genotypes:

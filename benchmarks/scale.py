@@ -58,7 +58,8 @@ def measure(nodes: int, node_cpus: int, trials: int, steps: int, train_steps: in
                                            f"cluster.max_concurrent_trials={slots}", f"name=scale-{nodes}n"]))
         wall = time.perf_counter() - started
         client = MlflowClient(result["tracking_uri"])
-        compute = sum(max(client.get_metric_history(r["mlflow_run_id"], "seconds"), key=lambda m: m.step).value
+        compute = sum(max(client.get_metric_history(r["mlflow_run_id"], "seconds"),
+                          key=lambda m: m.step).value
                       for r in result["rows"])
         rate = throughput(nodes, train_steps, (*cluster, "cluster.cpus_per_worker=1"))
     finally:
@@ -82,11 +83,13 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     workdir = Path(tempfile.mkdtemp(prefix="timfusion-scale-"))
     os.chdir(workdir)
-    rows = [measure(nodes, args.node_cpus, args.trials, args.steps, args.train_steps, workdir) for nodes in (1, 2)]
+    rows = [measure(nodes, args.node_cpus, args.trials, args.steps, args.train_steps, workdir)
+            for nodes in (1, 2)]
     import torch
 
     result = {
-        "machine": f"{os.cpu_count()} CPUs, torch {torch.__version__}, Ray local multi-node (ray start per node)",
+        "machine": f"{os.cpu_count()} CPUs, torch {torch.__version__}, "
+                   "Ray local multi-node (ray start per node)",
         "load_average": os.getloadavg(),
         "search": {"trials": args.trials, "steps": args.steps, "space": "small"},
         "rows": rows,

@@ -69,13 +69,15 @@ METHODS = ["first_order", "darts", "implicit", "tim", "darts@4"]
 # third of darts' distance.
 METHOD_SETTINGS: dict[str, dict[str, Any]] = {
     "implicit": {"upper_every": 8, "alpha_lr": 0.006,
-                 "hypergrad_options": {"solver": "cg", "terms": 1, "damping": 100.0, "hvp": "finite_difference"}},
+                 "hypergrad_options": {"solver": "cg", "terms": 1, "damping": 100.0,
+                                       "hvp": "finite_difference"}},
 }
 # The search objective: the classic unsupervised IR/VIS loss (towards the brighter source's
 # intensity and the stronger gradient) on a regression head. Under the default ir_vis loss
 # the compact layout's activity head *is* that loss's target rule, so a supernet starts at
 # the loss's optimum and the search has nothing to find (RESULTS.md, search section).
-TASK_OVERRIDES = ["task.loss.activity=0", "task.loss.selection=0", "task.loss.intensity=1", "task.loss.gradient=10"]
+TASK_OVERRIDES = ["task.loss.activity=0", "task.loss.selection=0", "task.loss.intensity=1",
+                  "task.loss.gradient=10"]
 # Retraining: 150 pixel-only steps first, not the trainer's 50. Under TASK_OVERRIDES' loss
 # (gradient x 10, which an inverted image satisfies as well) some genotypes retrained into
 # the contrast-inverted minimum after 50 (SSIM 0.109 and 0.115 in runs A and B, -0.173 in
@@ -141,14 +143,15 @@ def search_method(
         clock += time.perf_counter() - started
         if clock >= next_eval + eval_every or clock >= budget:
             next_eval = clock
-            curve.append((clock, search.step_count, validation_loss(supernet, search.loss_fn, ctx["patches"])))
+            curve.append((clock, search.step_count,
+                          validation_loss(supernet, search.loss_fn, ctx["patches"])))
     unbounded = supernet.derive(max_skips=settings.max_skips)
     genotype = derive_genotype(supernet, settings, name=f"searched-{method}")
     return {"label": label, "settings": {"upper_every": settings.upper_every, "alpha_lr": settings.alpha_lr,
                                           "hypergrad_options": settings.hypergrad_options},
             "unbounded_ops": _ops(unbounded), "max_macs": max_macs,
-            "seconds": clock, "steps": search.step_count, "curve": curve, "final_val_loss": smoothed(curve)[-1][1],
-            "genotype": genotype.to_dict(), "ops": _ops(genotype)}
+            "seconds": clock, "steps": search.step_count, "curve": curve,
+            "final_val_loss": smoothed(curve)[-1][1], "genotype": genotype.to_dict(), "ops": _ops(genotype)}
 
 
 def black_box(ctx: dict[str, Any], budget: float, trials: int) -> dict[str, Any]:
@@ -209,7 +212,8 @@ def smoothed(curve: list[tuple[float, int, float]]) -> list[tuple[float, float]]
     curve shorter than that: the mean of all of it, at its end)."""
     losses = [loss for _, _, loss in curve]
     window = min(SMOOTH, len(curve))
-    return [(curve[i][0], float(np.mean(losses[i + 1 - window:i + 1]))) for i in range(window - 1, len(curve))]
+    return [(curve[i][0], float(np.mean(losses[i + 1 - window:i + 1])))
+            for i in range(window - 1, len(curve))]
 
 
 def time_to_reach(curve: list[tuple[float, int, float]], target: float) -> float | None:
@@ -262,8 +266,8 @@ def retrain_and_score(
             })
         trained[result["ops"]] = result["retrain"] = retrainings
     metrics_list = "[" + ",".join(VIFB_METRICS) + "]"
-    scored = evaluate(compose("evaluate", ["data.dataset=vifb", f"fused={fused_root}", f"metrics={metrics_list}",
-                                           f"out={workdir / 'evaluate'}"]))
+    scored = evaluate(compose("evaluate", ["data.dataset=vifb", f"fused={fused_root}",
+                                           f"metrics={metrics_list}", f"out={workdir / 'evaluate'}"]))
     for result in results:
         for retraining in result["retrain"]:
             summary = scored["summaries"][retraining["method_folder"]]
@@ -326,7 +330,9 @@ def run_seed(ctx: dict[str, Any], args: argparse.Namespace, workdir: Path) -> di
             result["time_to_darts_final"] = time_to_reach(result["curve"], darts["final_val_loss"])
         if "implicit" in by_label:
             reached = by_label["implicit"]["time_to_darts_final"]
-            targets["implicit_time_fraction_of_darts"] = None if reached is None else reached / darts["seconds"]
+            targets["implicit_time_fraction_of_darts"] = (
+                None if reached is None else reached / darts["seconds"]
+            )
             targets["implicit_reaches_darts_final_in_half_time"] = (
                 reached is not None and reached <= 0.5 * darts["seconds"]
             )
@@ -393,7 +399,8 @@ def merge(paths: list[str], out: Path) -> int:
     if len(set(seeds)) != len(seeds):
         print(f"--merge: seed repeated across {paths}: {seeds}", file=sys.stderr)
         return 2
-    settings = ("budget_s", "retrain_s", "retrain_seeds", "eval_every_s", "smooth", "space", "method_settings")
+    settings = ("budget_s", "retrain_s", "retrain_seeds", "eval_every_s", "smooth", "space",
+                "method_settings")
     differing = [key for key in settings if any(p.get(key) != payloads[0].get(key) for p in payloads)]
     if differing:
         print(f"--merge: {paths} differ in {differing}", file=sys.stderr)
@@ -412,7 +419,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget", type=float, default=240.0, help="search wall seconds per method")
     parser.add_argument("--retrain", type=float, default=180.0, help="training seconds per derived genotype")
     parser.add_argument("--retrain-seeds", type=int, default=2,
-                        help="retrainings (train.seed 0, 1, ...) per derived genotype; VIFB scores are their mean")
+                        help="retrainings (train.seed 0, 1, ...) per derived genotype; "
+                             "VIFB scores are their mean")
     parser.add_argument("--methods", nargs="+", default=METHODS)
     parser.add_argument("--space", default="compact", help="search space name or YAML path")
     parser.add_argument("--bb-trials", type=int, default=10, help="black-box trials in the budget")
@@ -460,7 +468,8 @@ def main(argv: list[str] | None = None) -> int:
         "task_overrides": list(args.task_overrides), "threads": args.threads,
     }
     print(f"{len(train_records)} train / {len(val_records)} val pairs; space {ctx['space'].name}; "
-          f"{args.budget:.0f} s per search, {args.retrain:.0f} s retraining; seeds {args.seeds}; workdir {workdir}")
+          f"{args.budget:.0f} s per search, {args.retrain:.0f} s retraining; seeds {args.seeds}; "
+          f"workdir {workdir}")
     runs: list[dict[str, Any]] = []
     for seed in args.seeds:
         runs.append(run_seed({**ctx, "seed": seed}, args, workdir / f"seed{seed}"))

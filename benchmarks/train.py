@@ -54,9 +54,10 @@ def throughput(workers: int, steps: int, overrides: tuple[str, ...] = ()) -> flo
     from timfusion.platform.jobs.train import train
 
     result = train(compose("train", [
-        *overrides, "data=synthetic", "data.synthetic.n=32", "data.synthetic.size=[128,128]", "genotype=compact",
-        f"cluster.num_workers={workers}", f"train.steps={steps}", f"train.checkpoint_every={steps}",
-        "train.log_every=5", "train.crop=96", "train.batch_size=8", "guidance.weight=0", "train.val_max_pairs=1",
+        *overrides, "data=synthetic", "data.synthetic.n=32", "data.synthetic.size=[128,128]",
+        "genotype=compact", f"cluster.num_workers={workers}", f"train.steps={steps}",
+        f"train.checkpoint_every={steps}", "train.log_every=5", "train.crop=96", "train.batch_size=8",
+        "guidance.weight=0", "train.val_max_pairs=1",
         f"name=bench-{workers}w-{int(time.time())}",
     ]))
     from mlflow.tracking import MlflowClient

@@ -50,7 +50,8 @@ def fusion_loss(loss_modules: Mapping[str, nn.Module]) -> Callable[..., LossFn]:
         module = loss_modules[name]
 
         def loss(network: nn.Module, batch: Mapping[str, Tensor]) -> Tensor:
-            total, _ = module(batch["a"], batch["b"], network.fuse(batch["a"], batch["b"]), pixel_only=pixel_only)
+            total, _ = module(batch["a"], batch["b"], network.fuse(batch["a"], batch["b"]),
+                              pixel_only=pixel_only)
             return total
 
         return loss
@@ -133,7 +134,8 @@ class Maml(_Learn2Learn):
     def _wrapper(self):
         import learn2learn as l2l
 
-        return l2l.algorithms.MAML(self.network, lr=self.inner_lr, first_order=self.first_order, allow_unused=True)
+        return l2l.algorithms.MAML(self.network, lr=self.inner_lr, first_order=self.first_order,
+                                   allow_unused=True)
 
 
 @META_ALGORITHMS.register("fomaml")
@@ -160,7 +162,8 @@ class MetaSgd(_Learn2Learn):
             return super().accumulate(task, loss, scale)
         except RuntimeError as err:
             if "does not require grad" in str(err) or "not have been used" in str(err):
-                raise UserError(f"meta algorithm metasgd: every weight must take part in fuse(); {err}") from None
+                raise UserError(f"meta algorithm metasgd: every weight must take part in fuse(); "
+                                f"{err}") from None
             raise
 
     def state_dict(self):

@@ -8,8 +8,9 @@ inner loop runs on learn2learn clones, not through a DDP forward), so every work
 the same outer step. The first ``fidelity_warmup_steps`` outer steps use the losses'
 pixel-fidelity terms only (training's warm-up; multitask gets the same share). Rank 0
 logs the query losses before and after adaptation, writes checkpoints through the worker
-context (a restarted or resumed run continues from the last one) and, at the end, the meta-initialized model (``model/model.pt``, the same file
-format as training's, with its genotype) and any extra meta-parameters.
+context (a restarted or resumed run continues from the last one) and, at the end, the
+meta-initialized model (``model/model.pt``, the same file format as training's, with its
+genotype) and any extra meta-parameters.
 """
 
 from __future__ import annotations
@@ -103,7 +104,8 @@ def meta_worker(config: dict[str, Any]) -> None:
         if step % log_every == 0 or checkpoint_now:
             totals = _all_reduce(window.clone(), ctx.world_size)
             count = float(totals[3::2].sum())
-            metrics = {"query_loss/before": float(totals[0]) / count, "query_loss/after": float(totals[1]) / count,
+            metrics = {"query_loss/before": float(totals[0]) / count,
+                       "query_loss/after": float(totals[1]) / count,
                        "seconds": time.perf_counter() - started}
             metrics.update({f"query_loss/{name}": float(totals[2 + 2 * i] / totals[3 + 2 * i])
                             for i, name in enumerate(names) if totals[3 + 2 * i] > 0})

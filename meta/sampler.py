@@ -57,7 +57,8 @@ class TaskSampler:
             raise UserError(f"meta.support and meta.query must be >= 1, got {support} and {query}")
         self.tasks = {name: task for name, (task, _) in pools.items()}
         self.datasets = {
-            name: PairedDataset(records, crop=crop, seed=seed, cache=True) for name, (_, records) in pools.items()
+            name: PairedDataset(records, crop=crop, seed=seed, cache=True)
+            for name, (_, records) in pools.items()
         }
         families: dict[str, list[str]] = {}
         for name, task in self.tasks.items():

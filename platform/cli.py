@@ -54,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0 if args else 2
         action = args.pop(0)
         if f"{name} {action}" not in commands:
-            print(f"timfusion: error: unknown action {name} {action!r}; valid: {', '.join(actions)}", file=sys.stderr)
+            print(f"timfusion: error: unknown action {name} {action!r}; valid: {', '.join(actions)}",
+                  file=sys.stderr)
             return 2
         name = f"{name} {action}"
     if name not in commands:

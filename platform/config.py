@@ -21,7 +21,8 @@ from timfusion.platform.errors import UserError
 
 ROOT = Path(timfusion.__file__).resolve().parent
 PRIMARY_DIR = ROOT / "platform" / "conf"
-SEARCH_DIRS = [ROOT / "tasks" / "conf", ROOT / "clusters" / "conf", ROOT / "search_spaces" / "conf", ROOT / "meta" / "conf"]
+SEARCH_DIRS = [ROOT / "tasks" / "conf", ROOT / "clusters" / "conf", ROOT / "search_spaces" / "conf",
+               ROOT / "meta" / "conf"]
 
 
 def _search_path() -> list[str]:
@@ -70,7 +71,8 @@ def compose(config_name: str, overrides: list[str]) -> DictConfig:
         raise UserError(f"malformed override: {str(err).splitlines()[0]}") from None
     except ConfigCompositionException as err:
         text = str(err)
-        key = re.search(r"Could not override '([^']+)'", text) or re.search(r"Key '([^']+)' is not in struct", text)
+        key = (re.search(r"Could not override '([^']+)'", text)
+               or re.search(r"Key '([^']+)' is not in struct", text))
         if key:
             name = key.group(1)
             parent = name.rsplit(".", 1)[0] if "." in name else None

@@ -55,7 +55,8 @@ class ClusterState:
             return None
         try:
             raw = json.loads(path.read_text())
-            return cls(raw["address"], int(raw["gcs_port"]), raw["temp_dir"], [Node(**n) for n in raw["nodes"]])
+            return cls(raw["address"], int(raw["gcs_port"]), raw["temp_dir"],
+                       [Node(**n) for n in raw["nodes"]])
         except (ValueError, KeyError, TypeError) as err:
             raise UserError(f"{path}: not a cluster state file ({err}); remove it and run up again") from None
 
@@ -68,7 +69,8 @@ class ClusterState:
         for node in self.nodes:
             if node.name == name:
                 return node
-        raise UserError(f"node={name}: not a node of this cluster; valid: {', '.join(n.name for n in self.nodes)}")
+        raise UserError(f"node={name}: not a node of this cluster; "
+                        f"valid: {', '.join(n.name for n in self.nodes)}")
 
 
 def free_ports(count: int) -> list[int]:
@@ -102,7 +104,8 @@ def _start_node(node: Node, state: ClusterState, head: bool, object_store_mb: in
             "--disable-usage-stats", f"--resources={json.dumps({node.name: 1})}"]
     args += [f"--{key.replace('_', '-')}={port}" for key, port in node.ports.items()]
     if head:
-        args += ["--head", f"--port={state.gcs_port}", "--include-dashboard=false", f"--temp-dir={state.temp_dir}"]
+        args += ["--head", f"--port={state.gcs_port}", "--include-dashboard=false",
+                 f"--temp-dir={state.temp_dir}"]
     else:
         args += [f"--address={state.address}"]
     with open(log, "a") as handle:
@@ -120,7 +123,8 @@ def up(state_dir: str | os.PathLike, workers: int, cpus_per_worker: int, gpus_pe
     folder = Path(state_dir).resolve()
     existing = ClusterState.read(folder)
     if existing is not None and alive_nodes(existing):
-        raise UserError(f"{folder / STATE_FILE}: a cluster is already up at {existing.address}; run down first")
+        raise UserError(f"{folder / STATE_FILE}: a cluster is already up at {existing.address}; "
+                        "run down first")
     if workers < 1 or cpus_per_worker < 1 or head_cpus < 0:
         raise UserError("workers and cpus_per_worker must be >= 1, head_cpus >= 0")
     folder.mkdir(parents=True, exist_ok=True)
@@ -139,8 +143,8 @@ def up(state_dir: str | os.PathLike, workers: int, cpus_per_worker: int, gpus_pe
         deadline = time.time() + timeout_s
         while len(alive_nodes(state)) < len(nodes):
             if time.time() > deadline:
-                raise UserError(f"cluster at {state.address}: {len(alive_nodes(state))} of {len(nodes)} nodes "
-                                f"alive after {timeout_s:.0f} s (log {log})")
+                raise UserError(f"cluster at {state.address}: {len(alive_nodes(state))} of {len(nodes)} "
+                                f"nodes alive after {timeout_s:.0f} s (log {log})")
             time.sleep(0.5)
     except BaseException:
         down(folder)
@@ -158,7 +162,8 @@ def _processes_of(state: ClusterState) -> list[Any]:
     roots = []
     for process in psutil.process_iter(["cmdline"]):
         cmdline = process.info.get("cmdline") or []
-        if any(mark in arg for arg in cmdline for mark in marks) and not any("ray start" in a for a in cmdline):
+        if (any(mark in arg for arg in cmdline for mark in marks)
+                and not any("ray start" in a for a in cmdline)):
             roots.append(process)
     found = {p.pid: p for p in roots}
     for process in roots:
@@ -244,7 +249,8 @@ def down(state_dir: str | os.PathLike, timeout_s: float = 10.0) -> int:
         except psutil.NoSuchProcess:
             pass
     psutil.wait_procs(alive, timeout=timeout_s / 2)
-    shutil.rmtree(state.temp_dir, ignore_errors=True)  # this cluster's own session folder (its logs: cluster.log stays)
+    # this cluster's own session folder (its logs: cluster.log stays)
+    shutil.rmtree(state.temp_dir, ignore_errors=True)
     (folder / STATE_FILE).unlink(missing_ok=True)
     return len(processes)
 
@@ -254,7 +260,8 @@ def status(state_dir: str | os.PathLike) -> dict[str, Any]:
     state = _required(state_dir)
     alive = set(alive_nodes(state))
     return {"address": state.address,
-            "nodes": [{"name": n.name, "cpus": n.cpus, "gpus": n.gpus, "alive": n.name in alive} for n in state.nodes]}
+            "nodes": [{"name": n.name, "cpus": n.cpus, "gpus": n.gpus, "alive": n.name in alive}
+                      for n in state.nodes]}
 
 
 def _required(state_dir: str | os.PathLike) -> ClusterState:

@@ -43,7 +43,8 @@ PYFUNC_ARTIFACT = "registry/pyfunc"
 FILES = {"weights": "weights.pt", "genotype": "genotype.json", "task": "task.json"}
 CHECKSUMS = "checksums.json"
 MODEL_URI = re.compile(r"models:/(?P<name>[^/@]+)(?:@(?P<alias>[\w-]+)|/(?P<version>\d+))")
-LINEAGE_TAGS = ("git_commit", "dataset_fingerprint", "train_fingerprint", "val_fingerprint", "task", "genotype")
+LINEAGE_TAGS = ("git_commit", "dataset_fingerprint", "train_fingerprint", "val_fingerprint", "task",
+                "genotype")
 
 
 class GateFailed(UserError):
@@ -63,7 +64,8 @@ def sha256(path: str | Path) -> str:
 # ----------------------------------------------------------------------------- artifacts
 
 
-def write_artifacts(folder: Path, network: torch.nn.Module, genotype: Any, task_config: Mapping) -> dict[str, str]:
+def write_artifacts(folder: Path, network: torch.nn.Module, genotype: Any,
+                    task_config: Mapping) -> dict[str, str]:
     """The pyfunc artifacts in ``folder``: ``{key: path}``, checksums included."""
     folder.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
@@ -97,7 +99,8 @@ def read_artifacts(
                     f"{source}: checksum of {FILES[key]} is {actual[:12]}..., {label} says "
                     f"{str(want)[:12]}...: the artifact is corrupted or was replaced"
                 )
-    genotype = Genotype.from_dict(json.loads(Path(paths["genotype"]).read_text()), source=f"{source} genotype")
+    genotype = Genotype.from_dict(json.loads(Path(paths["genotype"]).read_text()),
+                                  source=f"{source} genotype")
     task_config = json.loads(Path(paths["task"]).read_text())
     state = torch.load(paths["weights"], map_location="cpu", weights_only=True)
     return network_with_weights(genotype, state, source), genotype, task_config
@@ -153,7 +156,8 @@ def _signature():
 def _requirements() -> list[str]:
     from importlib.metadata import version
 
-    return [f"{package}=={version(package)}" for package in ("mlflow", "torch", "numpy", "pillow", "timfusion")]
+    return [f"{package}=={version(package)}"
+            for package in ("mlflow", "torch", "numpy", "pillow", "timfusion")]
 
 
 def _input_example(task_config: Mapping) -> dict[str, np.ndarray]:
@@ -165,7 +169,8 @@ def _input_example(task_config: Mapping) -> dict[str, np.ndarray]:
     from timfusion.tasks.synthetic import synthesize
 
     name = task_config.get("name")
-    task = build_task(named_task_config(name if name in group_options("task") else "ir_vis"))  # meta-init: any
+    # meta-init: any
+    task = build_task(named_task_config(name if name in group_options("task") else "ir_vis"))
     with tempfile.TemporaryDirectory() as folder:
         synthesize(task.synthetic, Path(folder), n=2, seed=0, size=(32, 32), overwrite=True)
         record = load_records(folder, task)[0]
@@ -255,7 +260,8 @@ def register_run(run_id: str, name: str, uri: str | None = None, description: st
     version = client.create_model_version(name, f"runs:/{run_id}/{PYFUNC_ARTIFACT}", run_id=run_id, tags=tags)
     print(f"registered runs:/{run_id} as {name} version {version.version} "
           f"({genotype.name}, {task_config.get('name')}); fuse with model=models:/{name}/{version.version}")
-    return {"name": name, "version": int(version.version), "run_id": run_id, "tags": tags, "tracking_uri": uri}
+    return {"name": name, "version": int(version.version), "run_id": run_id, "tags": tags,
+            "tracking_uri": uri}
 
 
 def default_name(task_name: str | None) -> str:
@@ -284,10 +290,12 @@ def _artifact_paths(folder: Path) -> dict[str, str]:
 
 def load_version(version, uri: str) -> tuple[Any, Any, dict]:
     """The checked network, genotype and task config of a model version (read into memory)."""
-    expected = {key[len("checksum."):]: value for key, value in version.tags.items() if key.startswith("checksum.")}
+    expected = {key[len("checksum."):]: value for key, value in version.tags.items()
+                if key.startswith("checksum.")}
     with tempfile.TemporaryDirectory(prefix="timfusion-registered-") as target:
         folder = download_version(version, uri, Path(target))
-        return read_artifacts(_artifact_paths(folder), f"model {version.name} version {version.version}", expected)
+        return read_artifacts(_artifact_paths(folder), f"model {version.name} version {version.version}",
+                              expected)
 
 
 def load_registered(reference: str, uri: str | None = None) -> tuple[Any, Any, dict]:
@@ -309,7 +317,8 @@ class Gate:
     task: str | None = None  # whose data and loss the gate uses; null: the version's own task
     dataset: str = "synthetic"
     pairs: int = 8
-    synthetic: dict[str, Any] = dataclasses.field(default_factory=lambda: {"n": 8, "size": [96, 96], "seed": 1})
+    synthetic: dict[str, Any] = dataclasses.field(
+        default_factory=lambda: {"n": 8, "size": [96, 96], "seed": 1})
     metrics: dict[str, float] = dataclasses.field(default_factory=lambda: {"VIF": 0.0, "Qabf": 0.0})
     max_macs: float | None = None
     max_latency_ms: float | None = None
@@ -394,7 +403,8 @@ def evaluate_network(network: torch.nn.Module, records: list[Any], gate: Gate) -
     return result
 
 
-def judge(gate: Gate, candidate: Mapping[str, float], holder: Mapping[str, float] | None) -> list[dict[str, Any]]:
+def judge(gate: Gate, candidate: Mapping[str, float],
+          holder: Mapping[str, float] | None) -> list[dict[str, Any]]:
     """One check per gate rule: ``{check, candidate, reference, passed}``."""
     from timfusion.tasks.metrics import resolve_metrics
 
@@ -409,15 +419,16 @@ def judge(gate: Gate, candidate: Mapping[str, float], holder: Mapping[str, float
         reference = holder[spec.name]
         passed = value >= reference - tolerance if spec.higher_is_better else value <= reference + tolerance
         sign = ">=" if spec.higher_is_better else "<="
-        checks.append({"check": f"{spec.name} {sign} holder {'-' if spec.higher_is_better else '+'} {tolerance:g}",
+        checks.append({"check": f"{spec.name} {sign} holder "
+                                f"{'-' if spec.higher_is_better else '+'} {tolerance:g}",
                        "candidate": value, "reference": reference, "passed": bool(passed)})
     if gate.max_macs is not None:
         checks.append({"check": f"MACs@{gate.size[0]}x{gate.size[1]} <= {gate.max_macs:.4g}",
                        "candidate": candidate["macs"], "reference": float(gate.max_macs),
                        "passed": candidate["macs"] <= float(gate.max_macs)})
     if gate.max_latency_ms is not None:
-        checks.append({"check": f"latency ms <= {gate.max_latency_ms:g}", "candidate": candidate["latency_ms"],
-                       "reference": float(gate.max_latency_ms),
+        checks.append({"check": f"latency ms <= {gate.max_latency_ms:g}",
+                       "candidate": candidate["latency_ms"], "reference": float(gate.max_latency_ms),
                        "passed": candidate["latency_ms"] <= float(gate.max_latency_ms)})
     return checks
 
@@ -457,7 +468,8 @@ def _report(name: str, version: int, alias: str, gate: Gate, decision: str, hold
     ]
     if reason:
         lines.append(f"- reason: {reason}")
-    lines += ["", markdown_table(rows, ["check", "candidate", "holder / budget", "result"]) if rows else "(no checks)"]
+    lines += ["", markdown_table(rows, ["check", "candidate", "holder / budget", "result"])
+              if rows else "(no checks)"]
     return "\n".join(lines) + "\n"
 
 
@@ -509,7 +521,8 @@ def promote(
                     print(f"current @{alias} (version {holder_version.version}) does not load: {err}; "
                           "the candidate is judged on the budgets alone")
             checks = judge(gate, candidate, holder) if candidate is not None else [
-                {"check": "loads with checked artifacts", "candidate": load_error, "reference": None, "passed": False}
+                {"check": "loads with checked artifacts", "candidate": load_error, "reference": None,
+                 "passed": False}
             ]
             passed = candidate is not None and all(c["passed"] for c in checks)
             again = _holder(client, name, alias)  # another promotion may have moved it meanwhile
@@ -527,9 +540,11 @@ def promote(
         if decision in ("promoted", "forced"):
             client.set_registered_model_alias(name, alias, str(target.version))
             if holder_number is not None and holder_number != int(target.version):
-                client.set_model_version_tag(name, str(holder_number), f"{alias}.replaced_by", str(target.version))
+                client.set_model_version_tag(name, str(holder_number), f"{alias}.replaced_by",
+                                             str(target.version))
     stamp = time.strftime("%Y%m%dT%H%M%S")
-    report = _report(name, int(target.version), alias, gate, decision, holder_number, checks, reason, len(records))
+    report = _report(name, int(target.version), alias, gate, decision, holder_number, checks, reason,
+                     len(records))
     artifact = f"registry/promotions/{alias}-v{target.version}-{stamp}-{int(time.time_ns() % 10**6)}.md"
     if target.run_id:
         Tracker(uri, target.run_id).log_text(report, artifact)
@@ -548,7 +563,8 @@ def promote(
         client.set_model_version_tag(name, str(target.version), key, str(value)[:5000])
     print(report)
     result = {"name": name, "version": int(target.version), "alias": alias, "decision": decision,
-              "holder_version": holder_number, "checks": checks, "report": report, "report_artifact": artifact}
+              "holder_version": holder_number, "checks": checks, "report": report,
+              "report_artifact": artifact}
     if decision.startswith("refused"):
         raise GateFailed(f"{name} version {target.version} not promoted to @{alias}: {decision}; "
                          f"report {tags[f'{alias}.report']}")
@@ -584,7 +600,8 @@ def list_models(uri: str | None = None, name: str | None = None) -> list[dict[st
         aliases: dict[str, list[str]] = {}
         for alias, number in (model.aliases or {}).items():
             aliases.setdefault(str(number), []).append(alias)
-        for version in sorted(client.search_model_versions(f"name='{model.name}'"), key=lambda v: int(v.version)):
+        for version in sorted(client.search_model_versions(f"name='{model.name}'"),
+                              key=lambda v: int(v.version)):
             tags = version.tags
             decisions = sorted((k, v) for k, v in tags.items() if k.endswith(".decision"))
             checked = [(k[len("champion.check."):], v.split(" ")[0]) for k, v in sorted(tags.items())

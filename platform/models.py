@@ -43,7 +43,8 @@ def model_file(reference: str, tracking_uri: str | None = None) -> Path:
         try:
             return Tracker(uri, run_id).download(artifact or MODEL_ARTIFACT, target)
         except Exception as err:
-            raise UserError(f"model={reference}: run has no artifact {artifact or MODEL_ARTIFACT} ({err})") from None
+            raise UserError(f"model={reference}: run has no artifact {artifact or MODEL_ARTIFACT} "
+                            f"({err})") from None
     path = Path(reference)
     if path.is_dir():
         path = path / "model.pt"

@@ -68,7 +68,8 @@ def bar_chart_grid(
     cols = min(4, len(metrics))
     rows = math.ceil(len(metrics) / cols)
     methods = sorted({m for per in values.values() for m in per})
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 0.22 * len(methods) * rows + 1.2 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 0.22 * len(methods) * rows + 1.2 * rows),
+                             squeeze=False)
     for ax, metric in zip(axes.flat, metrics, strict=False):
         per = values[metric]
         ordered = sorted(per, key=lambda m: per[m], reverse=higher_is_better[metric])

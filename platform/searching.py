@@ -58,7 +58,8 @@ def trial_task_config(config: dict[str, Any]) -> dict[str, Any]:
     return task
 
 
-def patch_batches(records: list[PairRecord], config: dict[str, Any], labels: bool, num_classes: int, seed: int):
+def patch_batches(records: list[PairRecord], config: dict[str, Any], labels: bool, num_classes: int,
+                  seed: int):
     """Seeded batches of random ``config["crop"]`` patches, forever (an epoch after another)."""
     dataset = PairedDataset(
         records, crop=int(config["crop"]), seed=seed, labels=labels, num_classes=num_classes, cache=True

@@ -88,7 +88,8 @@ class Tracker:
     ) -> Tracker:
         """Create a run in the configured experiment, tagged with the git commit (and parent)."""
         uri = tracking_uri(tracking.get("uri"))
-        experiment_id = ensure_experiment(uri, tracking.get("experiment") or "timfusion", tracking.get("artifact_root"))
+        experiment_id = ensure_experiment(uri, tracking.get("experiment") or "timfusion",
+                                          tracking.get("artifact_root"))
         all_tags = {"git_commit": git_commit(), "mlflow.runName": run_name, **(tags or {})}
         if parent_run_id:
             all_tags["mlflow.parentRunId"] = parent_run_id

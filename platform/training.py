@@ -254,8 +254,10 @@ def train_worker(config: dict[str, Any]) -> None:
     dataset = PairedDataset(records, crop=int(train_cfg["crop"]), seed=int(train_cfg["seed"]), labels=guided,
                             num_classes=len(task.classes), cache=bool(train_cfg["cache_images"]))
     loader = ctx.prepare_loader(DataLoader(
-        dataset, batch_size=int(train_cfg["batch_size"]), shuffle=True, drop_last=len(dataset) >= int(train_cfg["batch_size"]) * ctx.world_size,
-        num_workers=int(train_cfg["loader_workers"]), generator=torch.Generator().manual_seed(int(train_cfg["seed"])),
+        dataset, batch_size=int(train_cfg["batch_size"]), shuffle=True,
+        drop_last=len(dataset) >= int(train_cfg["batch_size"]) * ctx.world_size,
+        num_workers=int(train_cfg["loader_workers"]),
+        generator=torch.Generator().manual_seed(int(train_cfg["seed"])),
     ))
     loss_fn = task.build_loss().to(ctx.device)
     amp = ctx.device.type == "cuda" and bool(train_cfg["amp"])
@@ -289,7 +291,8 @@ def train_worker(config: dict[str, Any]) -> None:
         with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=amp):
             fused = view(a, b)
             total, parts = loss_fn(a, b, fused.float(), pixel_only=step < fidelity_warmup)
-        logged = {"loss/fusion": float(total.detach()), **{f"loss/{k}": float(v.detach()) for k, v in parts.items()}}
+        logged = {"loss/fusion": float(total.detach()),
+                  **{f"loss/{k}": float(v.detach()) for k, v in parts.items()}}
         if head_ddp is not None:
             labels = batch["label"].to(ctx.device)
             with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=amp):
@@ -388,7 +391,8 @@ def validate(
             a, b = item["a"][None].to(device), item["b"][None].to(device)
             fused = network(a, b)
             sums["loss"].append(float(loss_fn(a, b, fused)[0]))
-            planes = [to_uint8(t[0, 0].float().cpu().numpy() * 255.0).astype(np.float64) for t in (a, b, fused)]
+            planes = [to_uint8(t[0, 0].float().cpu().numpy() * 255.0).astype(np.float64)
+                      for t in (a, b, fused)]
             values = score_batch([planes[0]], [planes[1]], [planes[2]], specs)
             for name, value in values.items():
                 sums[name].append(float(value[0]))

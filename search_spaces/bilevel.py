@@ -10,13 +10,14 @@ With supernet weights ``w`` and architecture weights ``alpha`` (:class:`~.supern
 is the supernet's expected cost (params or MACs per op, :class:`~.supernet.CostTable`)
 over its maximum, so ``lambda`` is on the scale of the losses. Against the known collapse
 onto parameter-free ops, alpha stays fixed for ``warmup_steps`` while the weights learn,
-and derivation caps skips (``max_skips``) and, optionally, MACs (``max_macs``). ``upper_every`` takes that many lower steps per
-upper step: DARTS alternates one and one, while the implicit function theorem assumes
-the weights near their optimum for the current alpha, so the implicit method is meant to
-take several lower steps per hyperstep (Lorraine et al. 2020, Algorithm 1). Weights use Adam at ``weight_lr``; alphas Adam
-with betas (0.5, 0.999) as in the public TIM code. The task guidance is the training
-module's: a segmentation head trained on the detached fused images, its loss through
-the fused image added with weight ``guidance_weight`` at both levels.
+and derivation caps skips (``max_skips``) and, optionally, MACs (``max_macs``).
+``upper_every`` takes that many lower steps per upper step: DARTS alternates one and one,
+while the implicit function theorem assumes the weights near their optimum for the current
+alpha, so the implicit method is meant to take several lower steps per hyperstep
+(Lorraine et al. 2020, Algorithm 1). Weights use Adam at ``weight_lr``; alphas Adam with
+betas (0.5, 0.999) as in the public TIM code. The task guidance is the training module's:
+a segmentation head trained on the detached fused images, its loss through the fused
+image added with weight ``guidance_weight`` at both levels.
 
 :meth:`BilevelSearch.step` is the whole loop body, so a Ray Tune trial, a test and a
 benchmark drive the same code.

@@ -232,7 +232,10 @@ class Implicit(Hypergradient):
                 retain_graph=True,
                 allow_unused=True,
             )
-            out = [torch.zeros_like(p) if g is None else g.detach() for p, g in zip(params, grads, strict=True)]
+            out = [
+                torch.zeros_like(p) if g is None else g.detach()
+                for p, g in zip(params, grads, strict=True)
+            ]
             return out[: len(weights)], out[len(weights) :]
 
         return products

@@ -253,7 +253,10 @@ class CostTable:
     def cost_of(self, choice: Mapping[tuple[str, int], str], candidates: Sequence[str]) -> float:
         """The cost of a discrete choice (``{(place, position): op}``, e.g. a sampled genotype)."""
         return float(
-            sum(self.costs[_alpha_key(place, pos)][list(candidates).index(op)] for (place, pos), op in choice.items())
+            sum(
+                self.costs[_alpha_key(place, pos)][list(candidates).index(op)]
+                for (place, pos), op in choice.items()
+            )
         )
 
     def _cost(self, name: str, op: nn.Module, slot) -> float:

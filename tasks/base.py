@@ -134,7 +134,8 @@ def build_task(config: dict[str, Any]) -> FusionTask:
     accepted = [p for p in params if p != "self"]
     unknown = sorted(set(config) - set(accepted))
     if unknown:
-        raise UserError(f"task config: unknown key(s) {', '.join(unknown)}; expected some of {', '.join(accepted)}")
+        raise UserError(f"task config: unknown key(s) {', '.join(unknown)}; "
+                        f"expected some of {', '.join(accepted)}")
     missing = [
         p for p, spec in params.items()
         if p != "self" and spec.default is inspect.Parameter.empty and p not in config
@@ -144,7 +145,8 @@ def build_task(config: dict[str, Any]) -> FusionTask:
     return cls(**config)
 
 
-def fuse_pair(fuser: torch.nn.Module, a: np.ndarray, b: np.ndarray, device: torch.device | str = "cpu") -> np.ndarray:
+def fuse_pair(fuser: torch.nn.Module, a: np.ndarray, b: np.ndarray,
+              device: torch.device | str = "cpu") -> np.ndarray:
     """Fuse two 0..255 source images with ``fuser`` under the colour policy; 0..255 result."""
     ya, yb, context = split_colour(a, b)
 

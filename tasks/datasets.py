@@ -67,13 +67,15 @@ def read_manifest(path: str) -> list[PairRecord]:
     columns = reader.fieldnames or []
     missing = [c for c in REQUIRED_COLUMNS if c not in columns]
     if missing:
-        raise UserError(f"{path}: missing column(s) {', '.join(missing)}; a manifest needs {', '.join(REQUIRED_COLUMNS)}")
+        raise UserError(f"{path}: missing column(s) {', '.join(missing)}; "
+                        f"a manifest needs {', '.join(REQUIRED_COLUMNS)}")
     base = posixpath.dirname(path) if is_url(path) else str(Path(path).parent)
     records = []
     for line, row in enumerate(reader, start=2):
         if not row.get("pair") or not row.get("a_path") or not row.get("b_path"):
             raise UserError(f"{path}:{line}: empty pair, a_path or b_path")
-        extras = {k: (v or "") for k, v in row.items() if k not in ("pair", "a_path", "b_path", "label_path") and k}
+        extras = {k: (v or "") for k, v in row.items()
+                  if k not in ("pair", "a_path", "b_path", "label_path") and k}
         label = row.get("label_path") or None
         records.append(
             PairRecord(
@@ -113,7 +115,8 @@ def scan_folders(root: str, task: FusionTask) -> list[PairRecord]:
         raise UserError(f"{root}/{folders[0]}: no images")
     unmatched = sorted(set(a_files) ^ set(b_files))
     if unmatched:
-        raise UserError(f"{root}: {len(unmatched)} image(s) without a partner in the other role folder, e.g. {unmatched[0]}")
+        raise UserError(f"{root}: {len(unmatched)} image(s) without a partner in the other role folder, "
+                        f"e.g. {unmatched[0]}")
     return [
         PairRecord(
             name=stem,
@@ -147,7 +150,8 @@ def load_records(
         wanted["split"] = split
     for column, value in wanted.items():
         if records and column not in records[0].fields:
-            raise UserError(f"{root}: cannot filter on {column}={value}: the manifest has no column {column!r}")
+            raise UserError(f"{root}: cannot filter on {column}={value}: "
+                            f"the manifest has no column {column!r}")
         records = [r for r in records if r.fields.get(column) == str(value)]
     if not records:
         raise UserError(f"{root}: no pairs" + (f" matching {wanted}" if wanted else ""))
@@ -263,7 +267,8 @@ class PairedDataset(Dataset):
         return item
 
 
-def _random_patch(planes: list[np.ndarray], crop: int, rng: np.random.Generator, flip: bool) -> list[np.ndarray]:
+def _random_patch(planes: list[np.ndarray], crop: int, rng: np.random.Generator,
+                  flip: bool) -> list[np.ndarray]:
     height, width = planes[0].shape
     pad_h, pad_w = max(0, crop - height), max(0, crop - width)
     if pad_h or pad_w:

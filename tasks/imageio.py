@@ -106,7 +106,8 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-WRITE_FORMATS = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".bmp": "BMP", ".tif": "TIFF", ".tiff": "TIFF"}
+WRITE_FORMATS = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".bmp": "BMP", ".tif": "TIFF",
+                 ".tiff": "TIFF"}
 
 
 def image_format(path_or_suffix: str) -> str:
@@ -116,7 +117,8 @@ def image_format(path_or_suffix: str) -> str:
         return WRITE_FORMATS[suffix.lower()]
     except KeyError:
         raise UserError(
-            f"{path_or_suffix}: cannot write images with suffix {suffix!r}; use one of {', '.join(sorted(WRITE_FORMATS))}"
+            f"{path_or_suffix}: cannot write images with suffix {suffix!r}; "
+            f"use one of {', '.join(sorted(WRITE_FORMATS))}"
         ) from None
 
 
@@ -128,7 +130,8 @@ def encode_image(image: np.ndarray, suffix: str, png_compress_level: int = 6) ->
     """
     fmt = image_format(suffix)
     buffer = io.BytesIO()
-    options = {"quality": 95} if fmt == "JPEG" else {"compress_level": png_compress_level} if fmt == "PNG" else {}
+    options = ({"quality": 95} if fmt == "JPEG"
+               else {"compress_level": png_compress_level} if fmt == "PNG" else {})
     Image.fromarray(to_uint8(image)).save(buffer, format=fmt, **options)
     return buffer.getvalue()
 

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+
 from timfusion.platform.errors import UserError
 from timfusion.tasks.imageio import read_bytes
 

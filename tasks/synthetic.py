@@ -42,15 +42,14 @@ the layout of the real sets under ``shared/data`` (role folders, ``labels/`` and
 
 from __future__ import annotations
 
-import io
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 from scipy import ndimage
+
 from timfusion.platform.errors import UserError
 from timfusion.platform.registry import Registry
 from timfusion.tasks.colour import rgb_to_gray

@@ -72,7 +72,8 @@ def s3_endpoint(tmp_path_factory):
     from helpers import start_moto
 
     log = tmp_path_factory.mktemp("moto") / "moto.log"
-    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
+    saved = {k: os.environ.get(k)
+             for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
     os.environ.update(AWS_ACCESS_KEY_ID="test", AWS_SECRET_ACCESS_KEY="test", AWS_DEFAULT_REGION="us-east-1")
     proc, endpoint = start_moto(log)
     try:

@@ -27,7 +27,8 @@ def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([str(exe), *args], capture_output=True, text=True, cwd=cwd, timeout=600)
 
 
-def model_run(uri: str, genotype: str = "compact", seed: int = 0, zero: bool = False, task: str = "ir_vis") -> str:
+def model_run(uri: str, genotype: str = "compact", seed: int = 0, zero: bool = False,
+              task: str = "ir_vis") -> str:
     """A finished MLflow run holding ``model/model.pt`` as training logs it (seeded weights; ``zero``:
     every weight 0, a network that fuses to a constant image)."""
     import tempfile
@@ -45,7 +46,8 @@ def model_run(uri: str, genotype: str = "compact", seed: int = 0, zero: bool = F
             for param in network.parameters():
                 param.zero_()
     tracker = Tracker.start({"uri": uri, "experiment": "timfusion"}, f"train-{genotype}-{seed}",
-                            {"job": "train", "task": task, "genotype": genotype, "dataset_fingerprint": "f00d"})
+                            {"job": "train", "task": task, "genotype": genotype,
+                             "dataset_fingerprint": "f00d"})
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "model.pt"
         save_model(path, network, network.genotype, task_config(task))
@@ -65,7 +67,8 @@ def start_moto(log: Path) -> tuple[subprocess.Popen, str]:
     the process and its endpoint URL, once it answers."""
     port = free_port()
     with open(log, "w") as handle:
-        proc = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        proc = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1",
+                                 "-p", str(port)],
                                 stdout=handle, stderr=subprocess.STDOUT)
     endpoint = f"http://127.0.0.1:{port}"
     wait_for_http(endpoint, proc, log)

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-
 from helpers import run_cli
+
 from timfusion.platform.config import compose, flatten, group_options, to_container
 from timfusion.platform.errors import UserError
 from timfusion.platform.jobs import COMMANDS, load_all

@@ -26,8 +26,8 @@ def test_the_four_documented_clusters_exist():
 @pytest.mark.parametrize("job", ["train", "search", "meta"])
 def test_every_cluster_composes_with_resources_and_storage(name, job):
     cluster = compose(job, [f"cluster={name}"]).cluster
-    for key in ("backend", "address", "num_workers", "use_gpu", "cpus_per_worker", "storage_path", "max_failures",
-                "max_concurrent_trials", "trial_cpus", "trial_gpus"):
+    for key in ("backend", "address", "num_workers", "use_gpu", "cpus_per_worker", "storage_path",
+                "max_failures", "max_concurrent_trials", "trial_cpus", "trial_gpus"):
         assert key in cluster, (name, key)
     if name in REMOTE:
         assert cluster.address == "auto" and str(cluster.storage_path).startswith("s3://")
@@ -42,11 +42,13 @@ def test_aws_launcher_config_is_valid_for_ray_and_installs_the_project():
     types = launcher["available_node_types"]
     assert types[launcher["head_node_type"]]["resources"] == {"CPU": 0}
     workers = [t for name, t in types.items() if name != launcher["head_node_type"]]
-    assert workers and all(t["node_config"]["InstanceType"].startswith(("g", "p")) for t in workers)  # GPU types
+    assert workers and all(t["node_config"]["InstanceType"].startswith(("g", "p"))
+                           for t in workers)  # GPU types
     assert any("make install" in command for command in launcher["setup_commands"])
     for command in launcher["head_start_ray_commands"] + launcher["worker_start_ray_commands"]:
         assert "ray stop" in command or "timfusion/.venv/bin/ray start" in command
-    assert not re.search(r"(?i)aws_secret|secret_access_key", (ROOT / "clusters" / "aws" / "cluster.yaml").read_text())
+    assert not re.search(r"(?i)aws_secret|secret_access_key",
+                         (ROOT / "clusters" / "aws" / "cluster.yaml").read_text())
 
 
 def test_kuberay_manifests_have_a_gpu_group_and_a_job_that_composes():
@@ -55,14 +57,16 @@ def test_kuberay_manifests_have_a_gpu_group_and_a_job_that_composes():
     assert cluster["apiVersion"] == "ray.io/v1" and cluster["kind"] == "RayCluster"
     assert cluster["spec"]["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
     gpu_groups = [g for g in cluster["spec"]["workerGroupSpecs"]
-                  if any("nvidia.com/gpu" in c["resources"]["limits"] for c in g["template"]["spec"]["containers"])]
+                  if any("nvidia.com/gpu" in c["resources"]["limits"]
+                         for c in g["template"]["spec"]["containers"])]
     assert gpu_groups
     from importlib.metadata import version
 
     assert cluster["spec"]["rayVersion"] == version("ray")
     assert f"rayproject/ray:{version('ray')}-py311" in (folder / "Dockerfile").read_text()
     job = yaml.safe_load((folder / "rayjob.yaml").read_text())
-    assert job["kind"] == "RayJob" and job["spec"]["clusterSelector"]["ray.io/cluster"] == cluster["metadata"]["name"]
+    assert (job["kind"] == "RayJob"
+            and job["spec"]["clusterSelector"]["ray.io/cluster"] == cluster["metadata"]["name"])
     words = shlex.split(job["spec"]["entrypoint"])
     assert words[:2] == ["timfusion", "search"] and "cluster=kuberay" in words
     compose("search", words[2:])  # the job's overrides are valid keys and values
@@ -108,7 +112,8 @@ def test_storage_checks_pass_local_paths_and_name_the_key_for_a_dead_endpoint(tm
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
-    with pytest.raises(UserError, match=r"tracking.artifact_root=s3://b/x: S3 endpoint at http://127.0.0.1:\d+ "
+    with pytest.raises(UserError, match=r"tracking.artifact_root=s3://b/x: "
+                                        r"S3 endpoint at http://127.0.0.1:\d+ "
                                         "not reachable"):
         check_reachable("s3://b/x", "tracking.artifact_root")
 

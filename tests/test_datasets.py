@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from helpers import need_shared
+
 from timfusion.platform.errors import UserError
 from timfusion.tasks import build_task
 from timfusion.tasks.datasets import PairedDataset, fingerprint, load_pair, load_records, read_manifest

@@ -6,8 +6,8 @@ import csv
 import json
 
 import pytest
-
 from helpers import need_shared
+
 from timfusion.tasks.metrics import DEFAULT_METRICS
 
 
@@ -17,7 +17,8 @@ def fused_methods(synthetic_ir_vis, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("fused")
     for baseline in ("average", "maximum"):
-        assert main(["fuse", f"model=baseline:{baseline}", f"data.root={synthetic_ir_vis}", f"out={root / baseline}"]) == 0
+        assert main(["fuse", f"model=baseline:{baseline}", f"data.root={synthetic_ir_vis}",
+                     f"out={root / baseline}"]) == 0
     return root
 
 
@@ -61,10 +62,11 @@ def test_missing_fused_images(cli, synthetic_ir_vis, fused_methods, tmp_path):
     partial.mkdir()
     first = sorted((fused_methods / "average").glob("*.png"))[0]
     (partial / first.name).write_bytes(first.read_bytes())
-    code, _, err = cli("evaluate", f"data.root={synthetic_ir_vis}", f"fused={partial}", f"out={tmp_path / 'o'}")
+    code, _, err = cli("evaluate", f"data.root={synthetic_ir_vis}", f"fused={partial}",
+                       f"out={tmp_path / 'o'}")
     assert code == 2 and "no fused image for 5 of 6" in err
-    code, _, err = cli("evaluate", f"data.root={synthetic_ir_vis}", f"fused={partial}", f"out={tmp_path / 'o'}",
-                       "skip_missing=true", "metrics=[EN]")
+    code, _, err = cli("evaluate", f"data.root={synthetic_ir_vis}", f"fused={partial}",
+                       f"out={tmp_path / 'o'}", "skip_missing=true", "metrics=[EN]")
     assert code == 0, err
     assert len(read_csv(tmp_path / "o" / "metrics.csv")) == 1
 
@@ -88,7 +90,8 @@ def test_vifb_rank_table_of_three_chosen_methods(cli, tmp_path):
 @pytest.mark.slow
 def test_vifb_rank_table_of_25_methods(cli, tmp_path):
     need_shared("data", "vifb", "fused")
-    code, stdout, err = cli("evaluate", "data.dataset=vifb", "fused=" + str(need_shared("data", "vifb", "fused")),
+    code, stdout, err = cli("evaluate", "data.dataset=vifb",
+                            "fused=" + str(need_shared("data", "vifb", "fused")),
                             "metrics=[EN,SD,SF,AG,MI,SCD,VIF,Qabf,SSIM]", f"out={tmp_path}")
     assert code == 0, err
     summary = read_csv(tmp_path / "summary.csv")

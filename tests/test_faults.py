@@ -27,8 +27,8 @@ QUICK_SEARCH = [
     "retrain.enabled=false", "report_every=2",
 ]
 QUICK_TRAIN = [
-    "data=synthetic", "data.synthetic.n=8", "data.synthetic.size=[64,64]", "genotype=tim_light", "train.crop=48",
-    "train.batch_size=2", "train.log_every=1", "train.warmup_steps=1", "guidance.weight=0",
+    "data=synthetic", "data.synthetic.n=8", "data.synthetic.size=[64,64]", "genotype=tim_light",
+    "train.crop=48", "train.batch_size=2", "train.log_every=1", "train.warmup_steps=1", "guidance.weight=0",
 ]
 
 
@@ -60,8 +60,8 @@ def multinode(tmp_path_factory, drill_env):
 
 def timfusion(*args: str, cwd: Path, env: dict) -> subprocess.Popen:
     exe = Path(sys.executable).parent / "timfusion"
-    return subprocess.Popen([str(exe), *args], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+    return subprocess.Popen([str(exe), *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
 
 
 def finish(proc: subprocess.Popen, timeout: float = 420) -> str:
@@ -164,7 +164,8 @@ def test_a_killed_driver_is_resumed_and_lists_every_trial_once(multinode, drill_
     assert parent.info.status == "FINISHED"
     trials = trial_runs(tmp_path, parent.info.run_id)
     names = sorted(run.info.run_name for run in trials)
-    assert len(names) == 4 and len(set(names)) == 4, names  # every trial once; attempts without a checkpoint gone
+    # every trial once; attempts without a checkpoint gone
+    assert len(names) == 4 and len(set(names)) == 4, names
     for run in trials:
         assert run.info.status == "FINISHED"
         steps = [m.step for m in metric_history(tmp_path, run.info.run_id, "val_loss")]
@@ -178,8 +179,8 @@ def test_a_killed_train_worker_resumes_from_the_last_checkpoint(multinode, drill
     import psutil
 
     driver = timfusion("train", "cluster=local_multinode", f"cluster.state_dir={multinode}", *QUICK_TRAIN,
-                       "cluster.num_workers=2", "train.steps=40", "train.checkpoint_every=5", "name=lost-worker",
-                       cwd=tmp_path, env=drill_env)
+                       "cluster.num_workers=2", "train.steps=40", "train.checkpoint_every=5",
+                       "name=lost-worker", cwd=tmp_path, env=drill_env)
     run_dir = tmp_path / "runs" / "ray" / "lost-worker"
     # a checkpoint on disk is the last one only once the controller has registered it: kill a
     # worker two logged steps after one appeared
@@ -193,7 +194,8 @@ def test_a_killed_train_worker_resumes_from_the_last_checkpoint(multinode, drill
 
     wait_for(two_steps_past_a_checkpoint, driver, "a registered training checkpoint")
     seen = marks["seen"]
-    victims = [p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
+    victims = [p for p in psutil.process_iter(["cmdline"])
+               if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
     assert victims, "no Ray Train worker process found"
     victims[-1].send_signal(signal.SIGKILL)
     output = finish(driver)
@@ -247,12 +249,13 @@ def test_everything_on_s3_and_no_credential_is_recorded(multinode, drill_env, s3
 def test_s3_down_at_start_is_one_line_before_any_trial(tmp_path, drill_env):
     env = {**drill_env, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}"}  # nothing listens there
     started = time.time()
-    done = subprocess.run([str(Path(sys.executable).parent / "timfusion"), "search", *QUICK_SEARCH, "trials=2",
-                           "steps=4", "cluster.storage_path=s3://drill/ray", "name=no-s3"],
+    done = subprocess.run([str(Path(sys.executable).parent / "timfusion"), "search", *QUICK_SEARCH,
+                           "trials=2", "steps=4", "cluster.storage_path=s3://drill/ray", "name=no-s3"],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 2, done.stderr[-3000:]
     lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and "cluster.storage_path=s3://drill/ray" in lines[0] and "not reachable" in lines[0]
+    assert (len(lines) == 1 and "cluster.storage_path=s3://drill/ray" in lines[0]
+            and "not reachable" in lines[0])
     assert time.time() - started < 120
     assert not (tmp_path / "runs" / "mlflow.db").exists()  # no search run, no trial started
     assert not (tmp_path / "runs" / "ray").exists()
@@ -280,14 +283,16 @@ def test_s3_down_during_training_fails_clearly_and_records_nothing_complete(tmp_
     assert driver.returncode == 1, output[-4000:]
     # Ray's forwarded worker logs may come after it: the job's own error is one line all the same
     errors = [line for line in output.splitlines() if line.startswith("timfusion train: error:")]
-    assert len(errors) == 1 and errors[0].startswith("timfusion train: error: training run s3-lost failed"), errors
+    assert len(errors) == 1 and errors[0].startswith(
+        "timfusion train: error: training run s3-lost failed"), errors
     print(errors[0])
     (run,) = mlflow_runs(tmp_path, "attributes.run_name = 's3-lost'")
     assert run.info.status == "FAILED"
     assert "final_step" not in run.data.tags  # nothing recorded as complete
     from mlflow.tracking import MlflowClient
 
-    assert not MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}").list_artifacts(run.info.run_id, "model")
+    assert not MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}").list_artifacts(
+        run.info.run_id, "model")
 
 
 def test_a_lost_worker_node_resumes_its_trials_and_loses_no_result(multinode, drill_env, tmp_path):
@@ -308,9 +313,11 @@ def test_a_lost_worker_node_resumes_its_trials_and_loses_no_result(multinode, dr
     parent = search_run(tmp_path, "lost-node")
     trials = trial_runs(tmp_path, parent.info.run_id)
     assert len(trials) == 4 and all(run.info.status == "FINISHED" for run in trials)
-    restored = {run.info.run_name: [m.value for m in metric_history(tmp_path, run.info.run_id, "restored_from_step")]
+    restored = {run.info.run_name: [m.value for m in metric_history(tmp_path, run.info.run_id,
+                                                                    "restored_from_step")]
                 for run in trials}
-    assert any(values and min(values) >= 2 for values in restored.values()), restored  # from a checkpoint, not 0
+    # from a checkpoint, not 0
+    assert any(values and min(values) >= 2 for values in restored.values()), restored
     for run in trials:
         steps = [m.step for m in metric_history(tmp_path, run.info.run_id, "val_loss")]
         assert steps == sorted(set(steps)) and steps[-1] == 30, (run.info.run_name, steps)

@@ -22,7 +22,8 @@ def pair(tmp_path):
 @pytest.mark.parametrize("baseline", BASELINES.names())
 def test_pair_mode_keeps_colour_and_size(cli, pair, tmp_path, baseline):
     out = tmp_path / f"fused_{baseline}.png"
-    code, out_text, err = cli("fuse", f"model=baseline:{baseline}", f"a={pair[0]}", f"b={pair[1]}", f"out={out}")
+    code, out_text, err = cli("fuse", f"model=baseline:{baseline}", f"a={pair[0]}", f"b={pair[1]}",
+                              f"out={out}")
     assert code == 0, err
     fused = read_image(out, keep_rgb_gray=True)
     assert fused.shape == (37, 53, 3)
@@ -31,7 +32,8 @@ def test_pair_mode_keeps_colour_and_size(cli, pair, tmp_path, baseline):
 
 def test_dataset_mode(cli, synthetic_ir_vis, tmp_path):
     out = tmp_path / "fused"
-    code, _, err = cli("fuse", "model=baseline:maximum", f"data.root={synthetic_ir_vis}", f"out={out}", "data.split=val")
+    code, _, err = cli("fuse", "model=baseline:maximum", f"data.root={synthetic_ir_vis}", f"out={out}",
+                       "data.split=val")
     assert code == 0, err
     written = sorted(p.stem for p in out.glob("*.png"))
     from timfusion.tasks import build_task

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+
 from timfusion.platform.errors import UserError
 from timfusion.tasks.labels import (
     MSRS_CLASS_IDS,

@@ -129,7 +129,8 @@ def test_families_are_drawn_evenly_not_by_variant_count(pools):
     medical_records = pools["mri_ct"][1]
     three_variants = {
         "ir_vis": pools["ir_vis"],
-        **{name: (build_task(task_config(name)), medical_records) for name in ("mri_ct", "mri_pet", "mri_spect")},
+        **{name: (build_task(task_config(name)), medical_records)
+           for name in ("mri_ct", "mri_pet", "mri_spect")},
     }
     sampler = TaskSampler(three_variants, support=1, query=1, crop=16, seed=0)
     drawn = [sampler.sample().task for _ in range(300)]
@@ -148,8 +149,8 @@ def _adapt(*overrides: str) -> dict:
 
     return adapt(compose("adapt", [
         "data=synthetic", "data.synthetic.n=6", "data.synthetic.size=[48,48]", "train.crop=32",
-        "train.batch_size=2", "train.log_every=1", "train.warmup_steps=1", "guidance.weight=0", "cluster=none",
-        "train.val_max_pairs=1", *overrides,
+        "train.batch_size=2", "train.log_every=1", "train.warmup_steps=1", "guidance.weight=0",
+        "cluster=none", "train.val_max_pairs=1", *overrides,
     ]))
 
 
@@ -164,7 +165,8 @@ def _model_state(result: dict) -> dict:
 def test_meta_run_then_adapt_from_its_run_id_loads_its_weights_and_trains(workdir):
     from mlflow.tracking import MlflowClient
 
-    meta_run = _meta("cluster=none", "meta.steps=3", "meta.meta_batch=2", "meta.exclude=[multi_focus]", "name=m1")
+    meta_run = _meta("cluster=none", "meta.steps=3", "meta.meta_batch=2", "meta.exclude=[multi_focus]",
+                     "name=m1")
     client = MlflowClient(meta_run["tracking_uri"])
     run = client.get_run(meta_run["run_id"])
     assert run.data.tags["tasks"] == "ir_vis,mri_ct,multi_exposure" and run.data.tags["final_step"] == "3"
@@ -199,10 +201,11 @@ def test_a_registered_meta_init_is_timfusion_meta_init_and_adapt_starts_from_its
     meta_run = _meta("cluster=none", "meta.steps=1", "meta.meta_batch=1", "meta.algorithm=fomaml", "name=m4",
                      "register=true")
     registered = meta_run["registered"]
-    assert registered["name"] == "timfusion-meta-init" and registered["tags"]["meta_init_run_id"] == meta_run["run_id"]
+    assert (registered["name"] == "timfusion-meta-init"
+            and registered["tags"]["meta_init_run_id"] == meta_run["run_id"])
     init = _model_state(meta_run)
-    frozen = _adapt("task=multi_focus", f"init=models:/timfusion-meta-init/{registered['version']}", "steps=1",
-                    "train.lr=1e-20", "name=a4")
+    frozen = _adapt("task=multi_focus", f"init=models:/timfusion-meta-init/{registered['version']}",
+                    "steps=1", "train.lr=1e-20", "name=a4")
     adapted = _model_state(frozen)
     for key, _ in FusionNetwork("compact").named_parameters():
         torch.testing.assert_close(adapted[key], init[key], rtol=0, atol=1e-6)
@@ -238,7 +241,8 @@ def test_a_meta_run_in_its_fidelity_warm_up_trains_on_the_pixel_terms(workdir):
     def first_query_loss(warmup: int, name: str) -> float:
         result = _meta("cluster=none", "meta.steps=1", "meta.meta_batch=1", "meta.algorithm=fomaml",
                        f"meta.fidelity_warmup_steps={warmup}", f"name={name}")
-        history = MlflowClient(result["tracking_uri"]).get_metric_history(result["run_id"], "query_loss/before")
+        history = MlflowClient(result["tracking_uri"]).get_metric_history(result["run_id"],
+                                                                          "query_loss/before")
         return history[0].value
 
     # the same seed, so the same first task and initial network: only the loss differs
@@ -248,16 +252,17 @@ def test_a_meta_run_in_its_fidelity_warm_up_trains_on_the_pixel_terms(workdir):
 def test_adapt_from_multitask_trains_the_baseline_with_matching_compute(workdir):
     from mlflow.tracking import MlflowClient
 
-    result = _adapt("task=multi_focus", "init=multitask", "meta.steps=2", "meta.inner_steps=1", "meta.meta_batch=1",
-                    "meta.crop=32", "meta.support=2", "meta.query=2", "meta.exclude=[multi_focus]", "steps=1",
-                    "name=a3")
+    result = _adapt("task=multi_focus", "init=multitask", "meta.steps=2", "meta.inner_steps=1",
+                    "meta.meta_batch=1", "meta.crop=32", "meta.support=2", "meta.query=2",
+                    "meta.exclude=[multi_focus]", "steps=1", "name=a3")
     client = MlflowClient(result["tracking_uri"])
     baseline = client.get_run(client.get_run(result["run_id"]).data.tags["init_run_id"])
     assert baseline.data.tags["algorithm"] == "multitask" and baseline.data.tags["final_step"] == "4"
     # meta.fidelity_warmup_steps (20 by default) scales with the steps: the same share of them
     from timfusion.platform.jobs.meta import multitask_config
 
-    cfg = multitask_config(compose("adapt", ["meta.steps=10", "meta.inner_steps=3", "meta.fidelity_warmup_steps=2"]))
+    cfg = multitask_config(compose("adapt", ["meta.steps=10", "meta.inner_steps=3",
+                                             "meta.fidelity_warmup_steps=2"]))
     assert (cfg.meta.steps, cfg.meta.fidelity_warmup_steps) == (40, 8)
     assert "multi_focus" not in baseline.data.tags["tasks"]
 
@@ -296,7 +301,8 @@ def test_initial_weights_state_is_the_files_state_dict(tmp_path):
 
     network = FusionNetwork("compact")
     save_model(tmp_path / "model.pt", network, load_genotype("compact"), {"name": "meta-init"})
-    state = torch.load(io.BytesIO(initial_weights(str(tmp_path / "model.pt"), load_genotype("compact"), None)),
+    state = torch.load(io.BytesIO(initial_weights(str(tmp_path / "model.pt"), load_genotype("compact"),
+                                                  None)),
                        weights_only=True)
     assert state.keys() == network.state_dict().keys()
 

@@ -11,7 +11,8 @@ from helpers import REPO
 
 def test_platform_folder_does_not_shadow_stdlib():
     code = "import platform, torch; platform.system(); print(platform.__file__)"
-    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                            timeout=120)
     assert result.returncode == 0, result.stderr
     assert not result.stdout.strip().startswith(str(REPO)), result.stdout
 

@@ -92,7 +92,8 @@ def test_fuse_with_a_models_uri_equals_the_run_it_came_from(cli, store, pair, tm
                            f"tracking.uri={store}")
         assert code == 0, err
         outputs[label] = read_image(out, keep_rgb_gray=True)
-    assert np.array_equal(outputs["registry"], outputs["run"]) and np.array_equal(outputs["version"], outputs["run"])
+    assert (np.array_equal(outputs["registry"], outputs["run"])
+            and np.array_equal(outputs["version"], outputs["run"]))
 
 
 def test_promotion_gates_records_forces_and_rolls_back(cli, store):
@@ -113,7 +114,8 @@ def test_promotion_gates_records_forces_and_rolls_back(cli, store):
     report_uri = tags["champion.report"]
     run_id, artifact = report_uri[len("runs:/"):].split("/", 1)
     report = Tracker(store, run_id).download(artifact, Path("report")).read_text()
-    assert report.startswith(f"# Promotion of {NAME} version {bad} to @champion: refused") and "| VIF" in report
+    assert (report.startswith(f"# Promotion of {NAME} version {bad} to @champion: refused")
+            and "| VIF" in report)
 
     code, _, err = promote(cli, store, bad, "force=true")
     assert code == 2 and 'reason="..."' in err
@@ -123,7 +125,8 @@ def test_promotion_gates_records_forces_and_rolls_back(cli, store):
     assert tags["champion.decision"] == "forced" and tags["champion.forced_reason"] == "hotfix for a demo"
     assert int(registry.get_model_version_by_alias(NAME, "champion").version) == bad
 
-    code, out, err = promote(cli, store, good)  # the rollback: the earlier version passes against the forced one
+    # the rollback: the earlier version passes against the forced one
+    code, out, err = promote(cli, store, good)
     assert code == 0, err
     assert int(registry.get_model_version_by_alias(NAME, "champion").version) == good
     assert registry.get_model_version(NAME, str(bad)).tags["champion.replaced_by"] == str(good)
@@ -147,7 +150,8 @@ def test_a_corrupted_artifact_is_never_loaded_nor_promoted(cli, store):
     code, _, err = promote(cli, store, version, "force=true", "reason=try anyway")
     assert code == 1 and "does not load" in err
     registry = client(store)
-    assert registry.get_model_version(NAME, str(version)).tags["champion.decision"] == "refused (does not load)"
+    assert (registry.get_model_version(NAME, str(version)).tags["champion.decision"]
+            == "refused (does not load)")
     assert not registry.get_registered_model(NAME).aliases
 
 
@@ -212,7 +216,8 @@ def test_mlflow_models_serve_answers_with_the_fuse_commands_image(cli, store, pa
     bin_dir = str(Path(sys.executable).parent)  # `mlflow models serve` execs uvicorn from PATH
     env = {**os.environ, "MLFLOW_TRACKING_URI": store, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
     log = open(tmp_path / "serve.log", "w")
-    server = subprocess.Popen([str(Path(bin_dir) / "mlflow"), "models", "serve", "-m", f"models:/{NAME}@champion", "--env-manager",
+    server = subprocess.Popen([str(Path(bin_dir) / "mlflow"), "models", "serve", "-m",
+                               f"models:/{NAME}@champion", "--env-manager",
                                "local", "-h", "127.0.0.1", "-p", str(port)], cwd=workdir, env=env,
                               stdout=log, stderr=subprocess.STDOUT)
     try:
@@ -233,6 +238,7 @@ def test_mlflow_models_serve_answers_with_the_fuse_commands_image(cli, store, pa
 def test_bad_register_inputs_are_one_line_errors(workdir, store):
     run_id = model_run(store)
     result = run_cli("register", "run=0123456789abcdef0123456789abcdef", f"tracking.uri={store}", cwd=workdir)
-    assert result.returncode == 2 and "not found" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert (result.returncode == 2 and "not found" in result.stderr
+            and len(result.stderr.strip().splitlines()) == 1)
     result = run_cli("register", f"run={run_id}", "name=bad name!", f"tracking.uri={store}", cwd=workdir)
     assert result.returncode == 2 and "name=bad name!" in result.stderr

@@ -64,7 +64,8 @@ def test_register_promote_and_fuse_through_a_tracking_server_with_s3_artifacts(s
     fused = {}
     for label, model in (("registry", f"models:/{NAME}@champion"), ("run", f"runs:/{run_id}")):
         out_path = tmp_path / f"{label}.png"
-        code, _, err = cli("fuse", f"model={model}", f"a={a}", f"b={b}", f"out={out_path}", f"tracking.uri={server}")
+        code, _, err = cli("fuse", f"model={model}", f"a={a}", f"b={b}", f"out={out_path}",
+                           f"tracking.uri={server}")
         assert code == 0, err
         fused[label] = read_image(out_path)
     assert np.array_equal(fused["registry"], fused["run"])

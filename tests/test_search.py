@@ -90,7 +90,8 @@ def test_a_macs_budget_bounds_the_derived_network_and_keeps_alphas_choice_when_i
     size = (64, 64)
     free = derive_genotype(supernet, SearchSettings(max_skips=1, cost_size=size), name="free")
     free_macs = count_macs(FusionNetwork(free), *size, full=False)
-    roomy = derive_genotype(supernet, SearchSettings(max_skips=1, cost_size=size, max_macs=free_macs), name="free")
+    roomy = derive_genotype(supernet, SearchSettings(max_skips=1, cost_size=size, max_macs=free_macs),
+                            name="free")
     assert roomy.to_dict() == free.to_dict()
     space, table = supernet.space, CostTable(supernet, "macs", size)
     reference = {pos: space.candidates[0] for pos in space.positions()}
@@ -98,7 +99,8 @@ def test_a_macs_budget_bounds_the_derived_network_and_keeps_alphas_choice_when_i
         reference, space.candidates
     )
     budget = free_macs - 0.3 * (free_macs - fixed)  # 30% of the searched ops' MACs less
-    tight = derive_genotype(supernet, SearchSettings(max_skips=1, cost_size=size, max_macs=budget), name="tight")
+    tight = derive_genotype(supernet, SearchSettings(max_skips=1, cost_size=size, max_macs=budget),
+                            name="tight")
     ops = [op for _, cell in tight.cells() for op in cell.ops]
     assert count_macs(FusionNetwork(tight), *size, full=False) <= budget and ops.count("skip") <= 1
 
@@ -249,7 +251,8 @@ def test_upper_every_spaces_the_alpha_steps_after_the_warm_up():
     for step in range(8):
         before = [a.detach().clone() for a in supernet.arch_parameters()]
         search.step(_batch(seed=step), _batch(seed=20 + step))
-        if any(not torch.equal(a.detach(), b) for a, b in zip(supernet.arch_parameters(), before, strict=True)):
+        if any(not torch.equal(a.detach(), b)
+               for a, b in zip(supernet.arch_parameters(), before, strict=True)):
             moved_at.append(step)
     assert moved_at == [1, 4, 7]
 
@@ -263,7 +266,8 @@ def test_the_cost_of_a_discrete_choice_is_the_expected_cost_of_its_one_hot_alpha
         for pos, alpha in zip(space.positions(), supernet.arch_parameters(), strict=True):
             alpha.fill_(-1e4)
             alpha[space.candidates.index(choice[pos])] = 0.0
-    assert table.cost_of(choice, space.candidates) == pytest.approx(float(supernet.expected_cost(table).detach()))
+    assert table.cost_of(choice, space.candidates) == pytest.approx(
+        float(supernet.expected_cost(table).detach()))
     assert table.cost_of({pos: "skip" for pos in space.positions()}, space.candidates) == 0.0
 
 

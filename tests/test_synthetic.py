@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from scipy import ndimage
+
 from timfusion.platform.errors import UserError
 from timfusion.tasks import synthetic
 from timfusion.tasks.colour import luminance

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from helpers import SHARED
+
 from timfusion.platform.config import compose, to_container
 from timfusion.platform.errors import UserError
 from timfusion.tasks import TASKS, FusionTask, build_task
@@ -75,7 +75,7 @@ class TestFusionTaskConformance:
         assert len(records) == 4 and records == sorted(records, key=lambda r: r.name)
         # the same files through the folder convention (the manifest moved away)
         folder_root = tmp_path / "folders"
-        for index, (role, folders) in enumerate(zip(task.roles, task.role_folders, strict=True)):
+        for index, (_role, folders) in enumerate(zip(task.roles, task.role_folders, strict=True)):
             target = folder_root / folders[0]
             target.mkdir(parents=True)
             for record in records:

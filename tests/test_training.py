@@ -12,7 +12,8 @@ from timfusion.platform.jobs.train import train
 
 QUICK = [
     "data=synthetic", "data.synthetic.n=8", "data.synthetic.size=[64,64]", "genotype=tim_light",
-    "train.crop=48", "train.batch_size=2", "train.log_every=1", "train.warmup_steps=1", "guidance.warmup_steps=1",
+    "train.crop=48", "train.batch_size=2", "train.log_every=1", "train.warmup_steps=1",
+    "guidance.warmup_steps=1",
 ]
 
 
@@ -44,7 +45,8 @@ def test_two_workers_log_everything_and_checkpoint(ray_cluster, workdir):
     assert run.data.params["task.name"] == "ir_vis" and run.data.params["train.steps"] == "4"
     assert run.data.tags["task"] == "ir_vis" and len(run.data.tags["dataset_fingerprint"]) == 16
     assert run.data.tags["git_commit"]
-    assert "val/mIoU" in run.data.metrics and "val/Qabf" in run.data.metrics and run.data.metrics["val/loss"] > 0
+    assert ("val/mIoU" in run.data.metrics and "val/Qabf" in run.data.metrics
+            and run.data.metrics["val/loss"] > 0)
     assert metric_steps(result, "loss/total") == [1, 2, 3, 4]
     artifacts = {a.path for folder in ("", "model", "config", "genotype", "validation", "data")
                  for a in client.list_artifacts(result["run_id"], folder or None)}
@@ -58,7 +60,8 @@ def test_unguided_training_logs_no_miou_and_fuses(ray_cluster, workdir, cli):
     result = run_train("cluster.num_workers=1", "train.steps=2", "guidance.weight=0", "name=plain")
     assert "val/mIoU" not in result["metrics"] and "loss/head" not in result["metrics"]
     data = next((workdir / "outputs" / "train").glob("synthetic_*"))
-    code, _, err = cli("fuse", f"model=runs:/{result['run_id']}", f"data.root={data}", f"out={workdir / 'fused'}")
+    code, _, err = cli("fuse", f"model=runs:/{result['run_id']}", f"data.root={data}",
+                       f"out={workdir / 'fused'}")
     assert code == 0, err
     assert len(list((workdir / "fused").glob("*.png"))) == 8
 
@@ -66,7 +69,8 @@ def test_unguided_training_logs_no_miou_and_fuses(ray_cluster, workdir, cli):
 @pytest.mark.slow  # the drill with a worker killed from outside: tests/test_faults.py
 def test_killed_worker_is_retried_and_training_completes(ray_cluster, workdir):
     result = run_train("cluster.num_workers=2", "train.steps=6", "train.checkpoint_every=2",
-                       "faults.kill_worker_at_step=3", "cluster.max_failures=2", "name=faulty", "guidance.weight=0")
+                       "faults.kill_worker_at_step=3", "cluster.max_failures=2", "name=faulty",
+                       "guidance.weight=0")
     assert (workdir / "runs" / "ray" / "faulty" / ".fault_injected").exists()
     assert final_step(result) == 6
     steps = metric_steps(result, "loss/total")
@@ -98,10 +102,10 @@ def test_main_job_trains_fuses_and_ranks_the_network_beside_the_baselines(ray_cl
     from timfusion.platform.jobs.run import run
 
     result = run(compose("run", [
-        f"workdir={workdir / 'main'}", "n=3", "size=[64,80]", "baselines=[average,gff]", "metrics=[EN,MI,Qabf]",
-        "train.steps=3", "train.n=6", "train.size=[64,64]", "train.workers=1", "train.time_budget_s=120",
-        "search.steps=4", "meta.steps=2", "meta.n=4", "meta.size=[48,48]", "meta.crop=32", "meta.adapt_steps=4",
-        "meta.val_every=2", "meta.workers=1", "meta.meta_batch=2",
+        f"workdir={workdir / 'main'}", "n=3", "size=[64,80]", "baselines=[average,gff]",
+        "metrics=[EN,MI,Qabf]", "train.steps=3", "train.n=6", "train.size=[64,64]", "train.workers=1",
+        "train.time_budget_s=120", "search.steps=4", "meta.steps=2", "meta.n=4", "meta.size=[48,48]",
+        "meta.crop=32", "meta.adapt_steps=4", "meta.val_every=2", "meta.workers=1", "meta.meta_batch=2",
     ]))
     ranks = (workdir / "main" / "evaluate" / "ranks.md").read_text()
     assert "timfusion_compact" in ranks and "gff" in ranks and "average" in ranks
@@ -115,14 +119,15 @@ def test_main_job_trains_fuses_and_ranks_the_network_beside_the_baselines(ray_cl
     out = capsys.readouterr().out
     assert "mlflow ui --backend-store-uri sqlite:///" in out
     assert "adaptation to multi_focus" in out
-    assert sorted(result["meta"]["curves"]["meta-init"]) == [2, 4] == sorted(result["meta"]["curves"]["random init"])
+    assert (sorted(result["meta"]["curves"]["meta-init"]) == [2, 4]
+            == sorted(result["meta"]["curves"]["random init"]))
 
 
 def test_unknown_op_lists_known_ops(workdir):
     bad = workdir / "bad.json"
-    genotype = json.loads((compose("train", []).get("genotype") and
-                           open(__import__("timfusion.search_spaces.genotype", fromlist=["x"]).__file__.replace(
-                               "genotype.py", "genotypes/tim_light.json")).read()))
+    genotype = json.loads(compose("train", []).get("genotype") and
+                          open(__import__("timfusion.search_spaces.genotype", fromlist=["x"])
+                               .__file__.replace("genotype.py", "genotypes/tim_light.json")).read())
     genotype["stage1"]["cells"][0]["ops"][0] = "warp_drive"
     bad.write_text(json.dumps(genotype))
     with pytest.raises(UserError, match=r"unknown operation 'warp_drive'; known: .*sep_conv_3x3"):
@@ -131,7 +136,8 @@ def test_unknown_op_lists_known_ops(workdir):
 
 
 def test_local_backend_without_ray(workdir):
-    result = run_train("cluster=none", "train.steps=3", "train.checkpoint_every=2", "name=debug", "guidance.weight=0")
+    result = run_train("cluster=none", "train.steps=3", "train.checkpoint_every=2", "name=debug",
+                       "guidance.weight=0")
     assert final_step(result) == 3
     assert sorted(p.name for p in (workdir / "runs" / "ray" / "debug").glob("checkpoint_*")) == [
         "checkpoint_000000002", "checkpoint_000000003"]

@@ -1,4 +1,5 @@
-"""``timfusion cluster up|down|status|kill``: the local multi-node Ray cluster (``cluster=local_multinode``)."""
+"""``timfusion cluster up|down|status|kill``: the local multi-node Ray cluster
+(``cluster=local_multinode``)."""
 
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ def _state_dir(cfg: DictConfig) -> str:
     return str(cfg.cluster.state_dir)
 
 
-@command("cluster up", config="cluster_admin", summary="start the local multi-node Ray cluster (a head, N worker nodes)")
+@command("cluster up", config="cluster_admin",
+         summary="start the local multi-node Ray cluster (a head, N worker nodes)")
 def cluster_up(cfg: DictConfig) -> dict[str, Any]:
     state_dir = _state_dir(cfg)
     nodes = cfg.cluster.nodes

@@ -31,7 +31,8 @@ def data_root(cfg: DictConfig, task: FusionTask) -> tuple[str, dict[str, str]]:
         spec = task.datasets[data.dataset]
         root = shared_root(cfg.paths.shared) / "data" / spec.path
         if not root.exists():
-            raise UserError(f"data.dataset={data.dataset}: {root} does not exist (set paths.shared or $TIMFUSION_SHARED)")
+            raise UserError(f"data.dataset={data.dataset}: {root} does not exist "
+                            "(set paths.shared or $TIMFUSION_SHARED)")
         return str(root), {**spec.filter, **filters}
     raise UserError("data.root or data.dataset: one is required")
 

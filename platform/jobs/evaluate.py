@@ -97,11 +97,13 @@ def summarize(rows: list[dict[str, Any]], specs: list[MetricSpec]) -> dict[str, 
     return summary
 
 
-def rank_tables(summaries: dict[str, dict[str, dict[str, float]]], specs: list[MetricSpec]) -> tuple[str, list[dict]]:
+def rank_tables(summaries: dict[str, dict[str, dict[str, float]]],
+                specs: list[MetricSpec]) -> tuple[str, list[dict]]:
     """Markdown: an overall table (mean per metric with its rank) and one rank table per metric."""
     ranks: dict[str, dict[str, int]] = {}
     for spec in specs:
-        ordered = sorted(summaries, key=lambda m: summaries[m][spec.name]["mean"], reverse=spec.higher_is_better)
+        ordered = sorted(summaries, key=lambda m: summaries[m][spec.name]["mean"],
+                         reverse=spec.higher_is_better)
         ranks[spec.name] = {m: i + 1 for i, m in enumerate(ordered)}
     overall = []
     for method in summaries:
@@ -112,7 +114,8 @@ def rank_tables(summaries: dict[str, dict[str, dict[str, float]]], specs: list[M
         overall.append(row)
     overall.sort(key=lambda r: r["mean rank"])
     columns = ["method", *[s.name for s in specs], "mean rank"]
-    parts = ["## All metrics (mean over pairs, rank in parentheses)", "", markdown_table(overall, columns, 2), ""]
+    parts = ["## All metrics (mean over pairs, rank in parentheses)", "",
+             markdown_table(overall, columns, 2), ""]
     for spec in specs:
         arrow = "higher is better" if spec.higher_is_better else "lower is better"
         per = sorted(summaries, key=lambda m: ranks[spec.name][m])
@@ -121,7 +124,8 @@ def rank_tables(summaries: dict[str, dict[str, dict[str, float]]], specs: list[M
              "std": summaries[m][spec.name]["std"]}
             for m in per
         ]
-        parts += [f"## {spec.name} ({arrow})", "", markdown_table(table, ["rank", "method", "mean", "std"]), ""]
+        parts += [f"## {spec.name} ({arrow})", "",
+                  markdown_table(table, ["rank", "method", "mean", "std"]), ""]
     return "\n".join(parts), overall
 
 
@@ -134,7 +138,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     if cfg.methods:
         unknown = sorted(set(cfg.methods) - set(methods))
         if unknown:
-            raise UserError(f"methods: no folder for {', '.join(unknown)}; found {', '.join(sorted(methods))}")
+            raise UserError(f"methods: no folder for {', '.join(unknown)}; "
+                            f"found {', '.join(sorted(methods))}")
         methods = {m: methods[m] for m in cfg.methods}
     plans = {}
     for method, fused in methods.items():
@@ -169,7 +174,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     result: dict[str, Any] = {"out": str(out), "summaries": summaries}
     if len(plans) > 1 or next(iter(plans)):
         markdown, overall = rank_tables(summaries, specs)
-        atomic_write_text(out / "ranks.md", f"# Rank table ({cfg.definition} metrics, {len(records)} pairs)\n\n{markdown}")
+        atomic_write_text(out / "ranks.md",
+                          f"# Rank table ({cfg.definition} metrics, {len(records)} pairs)\n\n{markdown}")
         write_csv(out / "summary.csv", [
             {"method": m, **{s.name: summaries[m][s.name]["mean"] for s in specs}} for m in summaries
         ], ["method", *[s.name for s in specs]])

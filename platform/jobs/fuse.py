@@ -37,7 +37,8 @@ def fuse(cfg: DictConfig) -> list[str]:
     if not cfg.overwrite:
         existing = [target for _, target in jobs if path_exists(target)]
         if existing:
-            raise UserError(f"{existing[0]}: exists ({len(existing)} output(s) in all); pass overwrite=true to replace")
+            raise UserError(f"{existing[0]}: exists ({len(existing)} output(s) in all); "
+                            "pass overwrite=true to replace")
     fuser = load_fuser(str(cfg.model), task, cfg.device, cfg.tracking.uri)
     written = []
     for record, target in tqdm(jobs, desc=f"fuse {cfg.model}", unit="pair", disable=len(jobs) == 1):

@@ -122,13 +122,15 @@ def multitask_config(cfg: DictConfig) -> DictConfig:
             base[key] = OmegaConf.create(to_container(cfg[key]))
         base.meta.algorithm = "multitask"
         base.meta.steps = int(settings.steps) * passes
-        base.meta.fidelity_warmup_steps = int(settings.fidelity_warmup_steps) * passes  # the same share of the steps
+        # the same share of the steps
+        base.meta.fidelity_warmup_steps = int(settings.fidelity_warmup_steps) * passes
         base.workdir = str(cfg.workdir)
         base.name = None
     return base
 
 
-@command("adapt", config="adapt", summary="fine-tune from a meta-initialization (or random, multitask) with the trainer")
+@command("adapt", config="adapt",
+         summary="fine-tune from a meta-initialization (or random, multitask) with the trainer")
 def adapt(cfg: DictConfig) -> dict[str, Any]:
     from timfusion.platform.models import load_network
     from timfusion.search_spaces.genotype import load_genotype

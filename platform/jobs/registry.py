@@ -13,7 +13,8 @@ from timfusion.platform.jobs import command
 from timfusion.platform.report import text_table
 
 
-@command("register", config="register", summary="register a run's model as a pyfunc version (timfusion-<task>)")
+@command("register", config="register",
+         summary="register a run's model as a pyfunc version (timfusion-<task>)")
 def register(cfg: DictConfig) -> dict[str, Any]:
     from timfusion.platform.model_registry import default_name, register_run
     from timfusion.platform.tracking import resolve_run, tracking_uri
@@ -24,7 +25,8 @@ def register(cfg: DictConfig) -> dict[str, Any]:
     return register_run(str(cfg.run), str(cfg.name or default_name(task)), uri, str(cfg.description))
 
 
-def register_after(cfg: DictConfig, result: dict[str, Any], run_id: str, task_name: str | None) -> dict[str, Any]:
+def register_after(cfg: DictConfig, result: dict[str, Any], run_id: str,
+                   task_name: str | None) -> dict[str, Any]:
     """``register=true`` at the end of train, adapt, search and meta: ``run_id``'s model is
     registered and the job's ``result`` gains ``registered``."""
     if cfg.get("register"):
@@ -35,7 +37,8 @@ def register_after(cfg: DictConfig, result: dict[str, Any], run_id: str, task_na
     return result
 
 
-@command("promote", config="promote", summary="move an alias (champion) to a version that passes a quality gate")
+@command("promote", config="promote",
+         summary="move an alias (champion) to a version that passes a quality gate")
 def promote(cfg: DictConfig) -> dict[str, Any]:
     from timfusion.platform.model_registry import Gate
     from timfusion.platform.model_registry import promote as promote_version

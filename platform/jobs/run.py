@@ -74,8 +74,8 @@ def _meta_and_adapt(cfg: DictConfig, workdir: Path, tracking: str) -> dict[str, 
     stamp = time.strftime('%Y%m%d-%H%M%S')
     meta_run = meta(compose("meta", [
         *data, "cluster=local", f"cluster.num_workers={spec.workers}", f"workdir={workdir / 'meta'}",
-        f"meta.genotype={spec.genotype}", f"meta.algorithm={spec.algorithm}", f"meta.tasks={_list(spec.tasks)}",
-        f"meta.exclude=[{spec.held_out}]",
+        f"meta.genotype={spec.genotype}", f"meta.algorithm={spec.algorithm}",
+        f"meta.tasks={_list(spec.tasks)}", f"meta.exclude=[{spec.held_out}]",
         f"meta.steps={spec.steps}", f"meta.fidelity_warmup_steps={spec.fidelity_warmup_steps}",
         f"meta.meta_batch={spec.meta_batch}", f"meta.crop={spec.crop}",
         f"name=run-meta-{stamp}",
@@ -85,8 +85,9 @@ def _meta_and_adapt(cfg: DictConfig, workdir: Path, tracking: str) -> dict[str, 
         run = adapt(compose("adapt", [
             *data, "cluster=none", f"workdir={workdir / 'adapt'}", f"task={spec.held_out}", f"init={init}",
             f"meta.genotype={spec.genotype}",
-            f"steps={spec.adapt_steps}", f"train.val_every={spec.val_every}", f"train.log_every={spec.val_every}",
-            f"train.checkpoint_every={spec.adapt_steps}", f"train.crop={spec.crop}", "train.batch_size=4",
+            f"steps={spec.adapt_steps}", f"train.val_every={spec.val_every}",
+            f"train.log_every={spec.val_every}", f"train.checkpoint_every={spec.adapt_steps}",
+            f"train.crop={spec.crop}", "train.batch_size=4",
             "train.val_max_pairs=2", "val_metrics=[VIF,Qabf]", "guidance.weight=0",
             f"name=run-adapt-{label.split()[0]}-{stamp}",
         ]))
@@ -150,7 +151,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         methods.append(fuse_trained("timfusion_searched", f"runs:/{searched['retrain']['run_id']}"))
         stage += 1
     if cfg.train.enabled:
-        registry = ", then registering it and promoting it to @champion behind the gate" if cfg.registry.enabled else ""
+        registry = (", then registering it and promoting it to @champion behind the gate"
+                    if cfg.registry.enabled else "")
         print(f"[{stage}/{steps}] training {cfg.train.genotype} on Ray Train (synthetic {cfg.task.name}, "
               f"at most {cfg.train.time_budget_s} s){registry}")
         (workdir / "runs").mkdir(parents=True, exist_ok=True)

@@ -24,13 +24,15 @@ from timfusion.tasks import FusionTask
 from timfusion.tasks.datasets import PairRecord, fingerprint, load_records
 
 
-def training_records(cfg: DictConfig, task: FusionTask, workdir: Path) -> tuple[list[PairRecord], list[PairRecord]]:
+def training_records(cfg: DictConfig, task: FusionTask,
+                     workdir: Path) -> tuple[list[PairRecord], list[PairRecord]]:
     """The seeded train/validation split of the configured data (names prefixed by dataset)."""
     data = cfg.data
     if data.source == "synthetic":
         from timfusion.tasks.synthetic import synthesized_once
 
-        root = synthesized_once(task.synthetic, workdir, data.synthetic.n, data.synthetic.seed, data.synthetic.size)
+        root = synthesized_once(task.synthetic, workdir, data.synthetic.n, data.synthetic.seed,
+                                data.synthetic.size)
         pools = {"synthetic": load_records(str(root), task)}
     elif data.source == "root":
         pools = {"data": load_records(str(data.root), task, filters=dict(data.filter))}
@@ -49,7 +51,8 @@ def training_records(cfg: DictConfig, task: FusionTask, workdir: Path) -> tuple[
             if not (base / spec.path).exists():
                 raise UserError(f"data.datasets: {base / spec.path} does not exist "
                                 "(set paths.shared or $TIMFUSION_SHARED, or use data=synthetic)")
-            pools[name] = load_records(str(base / spec.path), task, filters={**spec.filter, **dict(data.filter)})
+            pools[name] = load_records(str(base / spec.path), task,
+                                       filters={**spec.filter, **dict(data.filter)})
     else:
         raise UserError(f"data.source={data.source}: expected task, synthetic or root")
     records = [dataclasses.replace(r, name=f"{pool}/{r.name}") for pool, rs in pools.items() for r in rs]
@@ -136,7 +139,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         tracker.log_config(resolved)
         tracker.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config/config.yaml")
         tracker.log_text(genotype.to_json(), "genotype/genotype.json")
-        tracker.log_text(json.dumps({"train": [r.name for r in train_records], "val": [r.name for r in val_records],
+        tracker.log_text(json.dumps({"train": [r.name for r in train_records],
+                                     "val": [r.name for r in val_records],
                                      "val_seed": int(cfg.data.val_seed)}, indent=1), "data/split.json")
         run_dir.mkdir(parents=True, exist_ok=True)
         write_run_info(run_dir, {"mlflow_run_id": tracker.run_id, "tracking_uri": tracker.uri, "name": name})
@@ -149,7 +153,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "tracking_uri": tracker.uri, "mlflow_run_id": tracker.run_id,
         "threads_per_worker": int(cfg.cluster.cpus_per_worker), "init_state": init_state,
     }
-    print(f"training {genotype.name} for {task.name}: {len(train_records)} train / {len(val_records)} val pairs, "
+    print(f"training {genotype.name} for {task.name}: {len(train_records)} train / "
+          f"{len(val_records)} val pairs, "
           f"{workers if cfg.cluster.backend == 'ray' else 1} worker(s), run {name} (MLflow {tracker.run_id})")
     started = time.perf_counter()
     run_workers(cfg, train_worker, loop_config, name, storage, workers, use_gpu, tracker)
@@ -165,13 +170,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
 def prepare_run_dir(cfg: DictConfig, name: str, storage: str) -> tuple[Path, dict[str, Any] | None]:
     """The run's folder and its run info when it exists; errors for a bad ``resume``/``name`` pair."""
-    run_dir = Path(storage) / name if "://" not in storage else Path(str(cfg.workdir)).resolve() / "runs" / name
+    run_dir = (Path(storage) / name if "://" not in storage
+               else Path(str(cfg.workdir)).resolve() / "runs" / name)
     info = read_run_info(run_dir)
     if cfg.resume and info is None:
         raise UserError(f"resume=true: no run {name!r} under {storage} to resume (pass its name=)")
     if not cfg.resume and (info is not None or (run_dir.exists() and any(run_dir.iterdir()))):
-        raise UserError(f"name={name}: a run of that name exists under {storage}; pass resume=true to continue it "
-                        "or choose another name")
+        raise UserError(f"name={name}: a run of that name exists under {storage}; "
+                        "pass resume=true to continue it or choose another name")
     return run_dir, info
 
 
@@ -219,7 +225,8 @@ def fit_with_ray(cfg: DictConfig, loop: Any, loop_config: dict, name: str, stora
         loop,
         train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(
-            num_workers=workers, use_gpu=use_gpu, resources_per_worker={"CPU": float(cfg.cluster.cpus_per_worker)},
+            num_workers=workers, use_gpu=use_gpu,
+            resources_per_worker={"CPU": float(cfg.cluster.cpus_per_worker)},
         ),
         run_config=ray.train.RunConfig(
             name=name, storage_path=storage_path, storage_filesystem=filesystem,
