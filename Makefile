@@ -39,8 +39,7 @@ $(L2L_STAMP):
 run: install
 	$(BIN)/timfusion run
 
-test: install
-	$(BIN)/ruff check .
+test: lint
 	$(BIN)/python -m pytest -m "not slow" -q
 
 test-all: install

@@ -78,8 +78,8 @@ def _adapt_overrides(args: argparse.Namespace, steps: int, val_every: int | None
     val_every = val_every or args.val_every
     return [f"steps={steps}", f"train.val_every={val_every}", "train.val_max_pairs=4",
             "val_metrics=[VIF,Qabf]", "guidance.weight=0", f"train.crop={args.crop}",
-            f"train.batch_size={args.batch}",
-            f"train.checkpoint_every={steps}", f"train.log_every={val_every}", f"train.seed={args.seed}"]
+            f"train.batch_size={args.batch}", f"train.checkpoint_every={steps}",
+            f"train.log_every={val_every}", f"train.seed={args.seed}"]
 
 
 def curve(run: dict[str, Any]) -> dict[str, list[tuple[int, float]]]:
@@ -240,9 +240,9 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace, out: Path, w
                     row[f"{metric}@{step}"] = at(entry["curve"][metric], step)
             rows.append(row)
             found = entry["steps_to_random_final"]
+            shown = found if found is not None else f">{entry['steps']}"
             reach.append({"held out": result["family"], "init": label,
-                          f"steps to random@{args.random_steps}":
-                              found if found is not None else f">{entry['steps']}"})
+                          f"steps to random@{args.random_steps}": shown})
     targets = {}
     for result in results:
         inits = result["inits"]
@@ -252,8 +252,9 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace, out: Path, w
         multitask_steps = inits["multitask"]["steps_to_random_final"]
         targets[result["family"]] = {
             "meta_10x_fewer_than_random": meta_steps is not None and meta_steps * 10 <= random_steps,
-            "meta_fewer_than_multitask": meta_steps is not None and (multitask_steps is None
-                                                                     or meta_steps < multitask_steps),
+            "meta_fewer_than_multitask": (
+                meta_steps is not None and (multitask_steps is None or meta_steps < multitask_steps)
+            ),
         }
     print(text_table(rows, list(rows[0])))
     print(text_table(reach, list(reach[0])))

@@ -169,7 +169,7 @@ def _input_example(task_config: Mapping) -> dict[str, np.ndarray]:
     from timfusion.tasks.synthetic import synthesize
 
     name = task_config.get("name")
-    # meta-init: any
+    # a meta-initialization has no task of its own: any family's pair serves as the example
     task = build_task(named_task_config(name if name in group_options("task") else "ir_vis"))
     with tempfile.TemporaryDirectory() as folder:
         synthesize(task.synthetic, Path(folder), n=2, seed=0, size=(32, 32), overwrite=True)
