@@ -5,8 +5,9 @@ Usage::
     python benchmarks/meta.py [--families ir_vis medical multi_exposure multi_focus]
                               [--algorithm maml] [--meta-steps 100] [--inner-steps 3]
                               [--adapt-steps 200]
-                              [--random-steps 1000] [--data task] [--threads N]
-                              [--out benchmarks/results/meta.json]
+                              [--random-steps 1000] [--reference-points 200 300 500]
+                              [--data task] [--threads N] [--out benchmarks/results/meta.json]
+    python benchmarks/meta.py --from-json benchmarks/results/meta.json [--reference-points ...]
 
 For each family held out in turn (``meta.exclude=[FAMILY]``), on the real data of
 ../shared/data (``--data task``; ``synthetic`` for a quick look):
@@ -33,7 +34,14 @@ whose centred mean of :data:`SMOOTH` validations is at or below it (a single val
 swings by 0.1-0.3 with BatchNorm's running statistics, even with the weights frozen).
 Target: meta-init needs at least 10x fewer steps than random init on every held-out
 family, and fewer than multitask init.
+
+The same count against random init's loss after each of ``--reference-points`` steps of its
+own run (the mean of its :data:`SMOOTH` validations ending there, the rule of its final loss)
+shows how the picture changes with the depth of the loss asked for.
+
 Prints the tables, writes the JSON and a PNG of the adaptation curves beside it.
+``--from-json`` reprints an earlier run's tables from its JSON and rewrites the JSON (the
+derived figures of this version added) and the PNG; it trains nothing.
 """
 
 from __future__ import annotations
@@ -121,14 +129,24 @@ def smoothed(points: list[tuple[int, float]]) -> list[tuple[int, float]]:
     return [(step, fmean(losses[max(0, i - half):i + half + 1])) for i, (step, _) in enumerate(points)]
 
 
-def reference_loss(points: list[tuple[int, float]]) -> float:
-    """Random init's loss after its run: the mean of its last :data:`SMOOTH` validations."""
-    return fmean(loss for _, loss in points[-SMOOTH:])
+def reference_loss(points: list[tuple[int, float]], step: int | None = None) -> float:
+    """Random init's loss after ``step`` steps (default: its whole run): the mean of its
+    :data:`SMOOTH` validations ending there."""
+    end = len(points) if step is None else next(
+        (i + 1 for i, (s, _) in enumerate(points) if s == step), None)
+    if end is None:
+        raise ValueError(f"no validation at step {step} (validated at {[s for s, _ in points]})")
+    return fmean(loss for _, loss in points[max(0, end - SMOOTH):end])
 
 
 def steps_to_reach(points: list[tuple[int, float]], target: float) -> int | None:
     """The first step whose smoothed validation loss is at or below ``target``."""
     return next((step for step, loss in smoothed(points) if loss <= target), None)
+
+
+def _shown(steps: int | None, run: int) -> int | str:
+    """A step count as the tables print it: ``>N`` when not reached within the run's N steps."""
+    return steps if steps is not None else f">{run}"
 
 
 def at(points: list[tuple[int, float]], step: int) -> float | None:
@@ -164,11 +182,33 @@ def held_out(family: str, args: argparse.Namespace, workdir: Path) -> dict[str, 
         for metric in VAL:
             points[metric] = [(0, zero[metric]), *points[metric]]
         result["inits"][label] = {"run_id": run["run_id"], "steps": steps, "curve": points}
-    target = reference_loss(result["inits"]["random"]["curve"]["loss"])
+    return result
+
+
+def reach(result: dict[str, Any], reference_points: list[int]) -> None:
+    """Add to ``result`` each init's steps to random init's final loss and to its loss after
+    each of ``reference_points`` steps (``result["reach"]``, keyed by step)."""
+    random_curve = result["inits"]["random"]["curve"]["loss"]
+    target = reference_loss(random_curve)
     result["random_final_loss"] = target
     for entry in result["inits"].values():
         entry["steps_to_random_final"] = steps_to_reach(entry["curve"]["loss"], target)
-    return result
+    final = random_curve[-1][0]
+    result["reach"] = {}
+    for step in sorted({*(s for s in reference_points if s < final), final}):
+        loss = reference_loss(random_curve, step)
+        result["reach"][str(step)] = {"reference": loss, **{
+            label: steps_to_reach(entry["curve"]["loss"], loss) for label, entry in result["inits"].items()}}
+
+
+def meets_target(meta_steps: int | None, random_steps: int | None, multitask_steps: int | None,
+                 random_run: int) -> dict[str, bool]:
+    """The issue's target for one reference: meta-init reaches it in at most a tenth of random
+    init's steps (its run's length when it never does) and in fewer than multitask init's."""
+    random_steps = random_run if random_steps is None else random_steps
+    return {"meta_10x_fewer_than_random": meta_steps is not None and meta_steps * 10 <= random_steps,
+            "meta_fewer_than_multitask": (
+                meta_steps is not None and (multitask_steps is None or meta_steps < multitask_steps))}
 
 
 def plot(results: list[dict[str, Any]], path: Path) -> None:
@@ -207,6 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--val-every", type=int, default=10,
                         help="validation interval of meta/multitask adaptation")
     parser.add_argument("--random-val-every", type=int, default=10, help="validation interval of random init")
+    parser.add_argument("--reference-points", type=int, nargs="*", default=[200, 300, 500],
+                        help="also count the steps to random init's loss after these steps of its run")
     parser.add_argument("--crop", type=int, default=64)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--data", default="task", choices=["task", "synthetic"])
@@ -214,7 +256,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads of every run")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "meta.json"))
     parser.add_argument("--workdir", default=None)
+    parser.add_argument("--from-json", default=None,
+                        help="reprint an earlier run's tables from its JSON and rewrite it; trains nothing")
     args = parser.parse_args(argv)
+    if args.from_json:
+        return rereport(Path(args.from_json).resolve(), args.reference_points)
+    unvalidated = [step for step in args.reference_points
+                   if step % args.random_val_every or not 0 < step <= args.random_steps]
+    if unvalidated:
+        parser.error(f"--reference-points {unvalidated}: expected steps random init validates at "
+                     f"(multiples of --random-val-every {args.random_val_every} up to {args.random_steps})")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     torch.set_num_threads(args.threads)
     out = Path(args.out).resolve()  # before the chdir: a relative --out is the caller's
@@ -229,10 +280,31 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def report(results: list[dict[str, Any]], args: argparse.Namespace, out: Path, workdir: Path) -> None:
-    """Print the tables and (re)write the JSON and the PNG for the families done so far."""
-    rows, reach = [], []
+def rereport(path: Path, reference_points: list[int]) -> int:
+    """``--from-json``: the tables of an earlier run, recomputed from its curves."""
+    try:
+        payload = json.loads(path.read_text())
+        stored = argparse.Namespace(**payload["args"])
+        results = payload["results"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        print(f"{path}: expected a JSON written by benchmarks/meta.py ({error})", file=sys.stderr)
+        return 2
+    stored.reference_points = reference_points
+    try:
+        report(results, stored, path, Path(payload.get("workdir", "")), payload.get("machine"))
+    except ValueError as error:
+        print(f"{path}: --reference-points: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def report(results: list[dict[str, Any]], args: argparse.Namespace, out: Path, workdir: Path,
+           machine: str | None = None) -> None:
+    """Print the tables and (re)write the JSON and the PNG for the families done so far
+    (``machine``: where the runs ran, when not here)."""
+    rows, reach_rows, depth_rows = [], [], []
     for result in results:
+        reach(result, args.reference_points)
         for label, entry in result["inits"].items():
             row: dict[str, Any] = {"held out": result["family"], "init": label}
             for step in CHECKPOINTS:
@@ -240,27 +312,25 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace, out: Path, w
                     row[f"{metric}@{step}"] = at(entry["curve"][metric], step)
             rows.append(row)
             found = entry["steps_to_random_final"]
-            shown = found if found is not None else f">{entry['steps']}"
-            reach.append({"held out": result["family"], "init": label,
-                          f"steps to random@{args.random_steps}": shown})
-    targets = {}
-    for result in results:
-        inits = result["inits"]
-        meta_steps = inits["meta"]["steps_to_random_final"]
-        random_steps = inits["random"]["steps_to_random_final"]
-        random_steps = args.random_steps if random_steps is None else random_steps
-        multitask_steps = inits["multitask"]["steps_to_random_final"]
-        targets[result["family"]] = {
-            "meta_10x_fewer_than_random": meta_steps is not None and meta_steps * 10 <= random_steps,
-            "meta_fewer_than_multitask": (
-                meta_steps is not None and (multitask_steps is None or meta_steps < multitask_steps)
-            ),
-        }
+            reach_rows.append({"held out": result["family"], "init": label,
+                               f"steps to random@{args.random_steps}": _shown(found, entry["steps"])})
+        for step, counts in result["reach"].items():
+            inits = result["inits"]
+            met = meets_target(counts["meta"], counts["random"], counts["multitask"], int(step))
+            depth_rows.append({"held out": result["family"], "random's step": int(step),
+                               "reference": counts["reference"],
+                               **{label: _shown(counts[label], inits[label]["steps"]) for label in inits},
+                               "meta 10x random": met["meta_10x_fewer_than_random"],
+                               "meta < multitask": met["meta_fewer_than_multitask"]})
+    targets = {result["family"]: meets_target(
+        result["inits"]["meta"]["steps_to_random_final"], result["inits"]["random"]["steps_to_random_final"],
+        result["inits"]["multitask"]["steps_to_random_final"], args.random_steps) for result in results}
     print(text_table(rows, list(rows[0])))
-    print(text_table(reach, list(reach[0])))
+    print(text_table(reach_rows, list(reach_rows[0])))
+    print(text_table(depth_rows, list(depth_rows[0]), digits=3))
     print(json.dumps(targets, indent=1))
     plot(results, out.with_suffix(".png"))
-    payload = {"machine": f"{os.cpu_count()} CPUs, torch {torch.__version__}", "args": vars(args),
+    payload = {"machine": machine or f"{os.cpu_count()} CPUs, torch {torch.__version__}", "args": vars(args),
                "results": results, "targets": targets, "workdir": str(workdir)}
     write_json(out, payload)
     print(f"wrote {out} and {out.with_suffix('.png')}")

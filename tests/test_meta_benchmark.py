@@ -1,0 +1,104 @@
+"""The adaptation benchmark's measure (benchmarks/meta.py): the references, the step counts,
+the target and the re-report of a stored run. The issue's target is judged by these."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "meta.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("timfusion_meta_benchmark", BENCHMARK)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def falling(start: float, per_step: float, steps: int, every: int = 10) -> list[tuple[int, float]]:
+    """A validation curve that falls linearly: (step, loss) every ``every`` steps."""
+    return [(step, start - per_step * step) for step in range(0, steps + 1, every)]
+
+
+def test_reference_is_the_mean_of_the_validations_ending_at_the_step(bench):
+    random_curve = falling(5.0, 0.001, 1000)
+    last_five = [4.0 + 0.001 * k for k in (0, 10, 20, 30, 40)]
+    assert bench.reference_loss(random_curve) == pytest.approx(sum(last_five) / 5)
+    assert bench.reference_loss(random_curve, 1000) == bench.reference_loss(random_curve)
+    assert bench.reference_loss(random_curve, 300) == pytest.approx(5.0 - 0.001 * 280)
+    assert bench.reference_loss(random_curve, 20) == pytest.approx(5.0 - 0.001 * 10)  # fewer at the start
+    with pytest.raises(ValueError, match="no validation at step 305"):
+        bench.reference_loss(random_curve, 305)
+
+
+def test_a_curve_reaches_the_reference_where_its_centred_mean_does(bench):
+    # the low validation at 20 alone does not count (centred means 2.6 at 20, 2.2 at 30); at 40
+    # the five validations 20-60 average 1.8, though its own is 3.0
+    spiky = [(0, 3.0), (10, 3.0), (20, 1.0), (30, 3.0), (40, 3.0), (50, 1.0), (60, 1.0), (70, 1.0), (80, 1.0)]
+    assert bench.steps_to_reach(spiky, 2.0) == 40
+    assert bench.steps_to_reach(spiky, 0.5) is None
+
+
+@pytest.mark.parametrize(("meta", "random", "multitask", "met"), [
+    (10, 100, 20, (True, True)),
+    (11, 100, 20, (False, True)),
+    (10, 100, 10, (True, False)),
+    (10, None, None, (True, True)),  # never reached: random counts its run's length, multitask loses
+    (None, 100, None, (False, False)),
+])
+def test_target(bench, meta, random, multitask, met):
+    verdict = bench.meets_target(meta, random, multitask, random_run=100)
+    assert (verdict["meta_10x_fewer_than_random"], verdict["meta_fewer_than_multitask"]) == met
+
+
+def stored_run(path: Path) -> Path:
+    curves = {"meta": falling(2.0, 0.001, 200), "multitask": falling(2.2, 0.001, 200),
+              "random": falling(6.0, 0.0045, 1000)}
+    result = {"family": "multi_focus", "inits": {
+        label: {"run_id": label, "steps": curve[-1][0], "curve": {"loss": curve, "VIF": curve, "Qabf": curve}}
+        for label, curve in curves.items()}}
+    payload = {"machine": "elsewhere", "workdir": "/nowhere", "results": [result],
+               "args": {"random_steps": 1000, "out": str(path)}}
+    path.write_text(json.dumps(payload))
+    return path
+
+
+def test_from_json_recomputes_every_reference_without_training(bench, tmp_path, capsys):
+    path = stored_run(tmp_path / "meta.json")
+    assert bench.main(["--from-json", str(path), "--reference-points", "200", "300"]) == 0
+    payload = json.loads(path.read_text())
+    result = payload["results"][0]
+    assert payload["machine"] == "elsewhere"  # the runs' machine, not the one that re-reported
+    assert set(result["reach"]) == {"200", "300", "1000"}
+    random_curve = [tuple(point) for point in result["inits"]["random"]["curve"]["loss"]]
+    for step, counts in result["reach"].items():
+        assert counts["reference"] == pytest.approx(bench.reference_loss(random_curve, int(step)))
+    assert result["reach"]["300"]["meta"] == 0  # meta starts at 2.0, below random's 300-step loss
+    assert result["reach"]["1000"]["meta"] is None  # 1.8 after its 200 steps: above 1.59
+    assert payload["targets"]["multi_focus"] == {"meta_10x_fewer_than_random": False,
+                                                 "meta_fewer_than_multitask": False}
+    assert (tmp_path / "meta.png").stat().st_size > 0
+    assert "random's step" in capsys.readouterr().out
+
+
+def test_from_json_rejects_what_it_cannot_read(bench, tmp_path, capsys):
+    broken = tmp_path / "broken.json"
+    broken.write_text("{\"results\": []}")
+    assert bench.main(["--from-json", str(broken)]) == 2
+    assert f"{broken}: expected a JSON written by benchmarks/meta.py" in capsys.readouterr().err
+    path = stored_run(tmp_path / "meta.json")
+    before = path.read_text()
+    assert bench.main(["--from-json", str(path), "--reference-points", "205"]) == 2
+    assert "no validation at step 205" in capsys.readouterr().err
+    assert path.read_text() == before  # nothing rewritten
+
+
+def test_reference_points_random_init_does_not_validate_are_refused_before_training(bench):
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--reference-points", "205", "--random-val-every", "10"])
+    assert exit_info.value.code == 2
