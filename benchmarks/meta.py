@@ -302,7 +302,7 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace, out: Path, w
            machine: str | None = None) -> None:
     """Print the tables and (re)write the JSON and the PNG for the families done so far
     (``machine``: where the runs ran, when not here)."""
-    rows, reach_rows, depth_rows = [], [], []
+    rows, depth_rows = [], []
     for result in results:
         reach(result, args.reference_points)
         for label, entry in result["inits"].items():
@@ -311,9 +311,6 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace, out: Path, w
                 for metric in VAL:
                     row[f"{metric}@{step}"] = at(entry["curve"][metric], step)
             rows.append(row)
-            found = entry["steps_to_random_final"]
-            reach_rows.append({"held out": result["family"], "init": label,
-                               f"steps to random@{args.random_steps}": _shown(found, entry["steps"])})
         for step, counts in result["reach"].items():
             inits = result["inits"]
             met = meets_target(counts["meta"], counts["random"], counts["multitask"], int(step))
@@ -326,7 +323,6 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace, out: Path, w
         result["inits"]["meta"]["steps_to_random_final"], result["inits"]["random"]["steps_to_random_final"],
         result["inits"]["multitask"]["steps_to_random_final"], args.random_steps) for result in results}
     print(text_table(rows, list(rows[0])))
-    print(text_table(reach_rows, list(reach_rows[0])))
     print(text_table(depth_rows, list(depth_rows[0]), digits=3))
     print(json.dumps(targets, indent=1))
     plot(results, out.with_suffix(".png"))
