@@ -286,15 +286,18 @@ def rereport(path: Path, reference_points: list[int]) -> int:
         payload = json.loads(path.read_text())
         stored = argparse.Namespace(**payload["args"])
         results = payload["results"]
+        random_curves = [result["inits"]["random"]["curve"]["loss"] for result in results]
+        validated = set.intersection(*({step for step, _ in curve if step > 0} for curve in random_curves))
     except (OSError, ValueError, KeyError, TypeError) as error:
         print(f"{path}: expected a JSON written by benchmarks/meta.py ({error})", file=sys.stderr)
         return 2
-    stored.reference_points = reference_points
-    try:
-        report(results, stored, path, Path(payload.get("workdir", "")), payload.get("machine"))
-    except ValueError as error:
-        print(f"{path}: --reference-points: {error}", file=sys.stderr)
+    unvalidated = [step for step in reference_points if step not in validated]
+    if unvalidated:
+        print(f"{path}: --reference-points {unvalidated}: expected steps random init validated at "
+              f"in every family of the run ({min(validated)}-{max(validated)})", file=sys.stderr)
         return 2
+    stored.reference_points = reference_points
+    report(results, stored, path, Path(payload.get("workdir", "")), payload.get("machine"))
     return 0
 
 

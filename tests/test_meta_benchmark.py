@@ -94,7 +94,8 @@ def test_from_json_rejects_what_it_cannot_read(bench, tmp_path, capsys):
     path = stored_run(tmp_path / "meta.json")
     before = path.read_text()
     assert bench.main(["--from-json", str(path), "--reference-points", "205"]) == 2
-    assert "no validation at step 205" in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert f"{path}: --reference-points [205]: expected steps random init validated at" in error
     assert path.read_text() == before  # nothing rewritten
 
 
