@@ -288,6 +288,8 @@ def rereport(path: Path, reference_points: list[int]) -> int:
         results = payload["results"]
         random_curves = [result["inits"]["random"]["curve"]["loss"] for result in results]
         validated = set.intersection(*({step for step, _ in curve if step > 0} for curve in random_curves))
+        if not validated:
+            raise ValueError("random init's curves share no validated step")
     except (OSError, ValueError, KeyError, TypeError) as error:
         print(f"{path}: expected a JSON written by benchmarks/meta.py ({error})", file=sys.stderr)
         return 2
