@@ -4,7 +4,8 @@ Usage::
 
     python benchmarks/meta.py [--families ir_vis medical multi_exposure multi_focus]
                               [--algorithm maml] [--meta-steps 100] [--inner-steps 3]
-                              [--adapt-steps 200]
+                              [--pretrain-steps 0]
+                              [--adapt-steps 200] [--adapt-seeds 1]
                               [--random-steps 1000] [--reference-points 200 300 500]
                               [--data task] [--threads N] [--out benchmarks/results/meta.json]
     python benchmarks/meta.py --from-json benchmarks/results/meta.json [--reference-points ...]
@@ -24,7 +25,10 @@ help it).
    ``--adapt-steps``, random for ``--random-steps``, validating every ``--val-every`` steps
    (random init: every ``--random-val-every``)
    on the family's validation pairs (fusion loss, VIF, Qabf); step 0 is the
-   initialization itself, validated the same way.
+   initialization itself, validated the same way. With ``--adapt-seeds N`` every init is
+   adapted N times (training seeds ``--seed`` onwards: other crops, batches and, for random
+   init, other weights) and its curve is the mean of theirs: from one init, the steps to a
+   reference move by tens of steps from one seed to the next.
 
 Reported: the loss, VIF and Qabf after 0, 10, 50 and 200 steps, and the steps each
 initialization needs to reach the validation loss random init reaches after
@@ -32,6 +36,7 @@ initialization needs to reach the validation loss random init reaches after
 of random init's last :data:`SMOOTH` validations, and a curve reaches it at the first step
 whose centred mean of :data:`SMOOTH` validations is at or below it (a single validation
 swings by 0.1-0.3 with BatchNorm's running statistics, even with the weights frozen).
+Each seed's own count is reported beside the mean curve's.
 Target: meta-init needs at least 10x fewer steps than random init on every held-out
 family, and fewer than multitask init.
 
@@ -79,15 +84,17 @@ def _meta_overrides(args: argparse.Namespace, family: str) -> list[str]:
     return [f"meta.genotype={args.genotype}", f"meta.algorithm={args.algorithm}",
             f"meta.steps={args.meta_steps}", f"meta.exclude=[{family}]",
             f"meta.tasks=[{','.join(META_TASKS)}]", f"meta.seed={args.seed}",
-            f"meta.inner_steps={args.inner_steps}"]
+            f"meta.inner_steps={args.inner_steps}", f"meta.pretrain_steps={args.pretrain_steps}"]
 
 
-def _adapt_overrides(args: argparse.Namespace, steps: int, val_every: int | None = None) -> list[str]:
+def _adapt_overrides(args: argparse.Namespace, steps: int, val_every: int | None = None,
+                     seed: int | None = None) -> list[str]:
     val_every = val_every or args.val_every
+    seed = args.seed if seed is None else seed
     return [f"steps={steps}", f"train.val_every={val_every}", "train.val_max_pairs=4",
             "val_metrics=[VIF,Qabf]", "guidance.weight=0", f"train.crop={args.crop}",
             f"train.batch_size={args.batch}", f"train.checkpoint_every={steps}",
-            f"train.log_every={val_every}", f"train.seed={args.seed}"]
+            f"train.log_every={val_every}", f"train.seed={seed}"]
 
 
 def curve(run: dict[str, Any]) -> dict[str, list[tuple[int, float]]]:
@@ -100,8 +107,9 @@ def curve(run: dict[str, Any]) -> dict[str, list[tuple[int, float]]]:
 
 
 def step_zero(reference: str | None, family: str, args: argparse.Namespace,
-              workdir: Path) -> dict[str, float]:
-    """The initialization itself on the family's validation pairs (the adapt run's step 0)."""
+              workdir: Path, seed: int | None = None) -> dict[str, float]:
+    """The initialization itself on the family's validation pairs (the adapt run's step 0;
+    random init's depends on the adaptation's ``seed``)."""
     from timfusion.platform.config import compose, to_container
     from timfusion.platform.jobs.common import task_from
     from timfusion.platform.jobs.train import training_records
@@ -110,7 +118,7 @@ def step_zero(reference: str | None, family: str, args: argparse.Namespace,
     from timfusion.search_spaces.network import FusionNetwork, load_model
 
     cfg = compose("adapt", [*_common(args, workdir), f"task={family}", f"meta.genotype={args.genotype}",
-                            *_adapt_overrides(args, 1)])
+                            *_adapt_overrides(args, 1, seed=seed)])
     task = task_from(cfg)
     _, val_records = training_records(cfg, task, Path(str(cfg.workdir)).resolve())
     if reference is None:
@@ -120,6 +128,19 @@ def step_zero(reference: str | None, family: str, args: argparse.Namespace,
         network, _, _ = load_model(model_file(reference, str(cfg.tracking.uri)))
     metrics, _ = validate(network, None, val_records, task, torch.device("cpu"), to_container(cfg))
     return {m: metrics[m] for m in VAL}
+
+
+def mean_curve(curves: list[dict[str, list[tuple[int, float]]]]) -> dict[str, list[tuple[int, float]]]:
+    """Per metric, the mean over the seeds' curves at each step all of them validated at."""
+    averaged = {}
+    for metric in curves[0]:
+        values: dict[int, list[float]] = {}
+        for points in curves:
+            for step, value in points[metric]:
+                values.setdefault(step, []).append(value)
+        averaged[metric] = [(step, fmean(vals)) for step, vals in sorted(values.items())
+                            if len(vals) == len(curves)]
+    return averaged
 
 
 def smoothed(points: list[tuple[int, float]]) -> list[tuple[int, float]]:
@@ -173,15 +194,21 @@ def held_out(family: str, args: argparse.Namespace, workdir: Path) -> dict[str, 
     for label, run_id in inits.items():
         steps = args.random_steps if label == "random" else args.adapt_steps
         val_every = args.random_val_every if label == "random" else args.val_every
-        run = adapt(compose("adapt", [*common, f"task={family}", f"init={run_id or 'random'}",
-                                      f"meta.genotype={args.genotype}",
-                                      *_adapt_overrides(args, steps, val_every),
-                                      f"name=adapt-{family}-{label}"]))
-        points = curve(run)
-        zero = step_zero(f"runs:/{run_id}" if run_id else None, family, args, workdir)
-        for metric in VAL:
-            points[metric] = [(0, zero[metric]), *points[metric]]
-        result["inits"][label] = {"run_id": run["run_id"], "steps": steps, "curve": points}
+        run_ids, seed_curves = [], []
+        for seed in range(args.seed, args.seed + args.adapt_seeds):
+            suffix = f"-s{seed}" if seed != args.seed else ""
+            run = adapt(compose("adapt", [*common, f"task={family}", f"init={run_id or 'random'}",
+                                          f"meta.genotype={args.genotype}",
+                                          *_adapt_overrides(args, steps, val_every, seed),
+                                          f"name=adapt-{family}-{label}{suffix}"]))
+            points = curve(run)
+            zero = step_zero(f"runs:/{run_id}" if run_id else None, family, args, workdir, seed)
+            for metric in VAL:
+                points[metric] = [(0, zero[metric]), *points[metric]]
+            run_ids.append(run["run_id"])
+            seed_curves.append(points)
+        result["inits"][label] = {"run_id": run_ids[0], "run_ids": run_ids, "steps": steps,
+                                  "curve": mean_curve(seed_curves), "seed_curves": seed_curves}
     return result
 
 
@@ -193,6 +220,8 @@ def reach(result: dict[str, Any], reference_points: list[int]) -> None:
     result["random_final_loss"] = target
     for entry in result["inits"].values():
         entry["steps_to_random_final"] = steps_to_reach(entry["curve"]["loss"], target)
+        entry["steps_to_random_final_per_seed"] = [  # the spread the seeds' mean hides
+            steps_to_reach(points["loss"], target) for points in entry.get("seed_curves", [entry["curve"]])]
     final = random_curve[-1][0]
     result["reach"] = {}
     for step in sorted({*(s for s in reference_points if s < final), final}):
@@ -242,8 +271,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--meta-steps", type=int, default=100)
     parser.add_argument("--inner-steps", type=int, default=3,
                         help="meta.inner_steps (the multitask baseline's steps grow with it: equal passes)")
+    parser.add_argument("--pretrain-steps", type=int, default=0,
+                        help="meta.pretrain_steps: joint steps before the meta steps (counted in multitask's)")
     parser.add_argument("--adapt-steps", type=int, default=200)
     parser.add_argument("--random-steps", type=int, default=1000)
+    parser.add_argument("--adapt-seeds", type=int, default=1,
+                        help="adapt every init with this many training seeds (from --seed); the curves "
+                             "are their mean, random init's reference included")
     parser.add_argument("--val-every", type=int, default=10,
                         help="validation interval of meta/multitask adaptation")
     parser.add_argument("--random-val-every", type=int, default=10, help="validation interval of random init")
@@ -263,6 +297,8 @@ def main(argv: list[str] | None = None) -> int:
         return rereport(Path(args.from_json).resolve(), args.reference_points)
     unvalidated = [step for step in args.reference_points
                    if step % args.random_val_every or not 0 < step <= args.random_steps]
+    if args.adapt_seeds < 1:
+        parser.error(f"--adapt-seeds {args.adapt_seeds}: expected at least 1")
     if unvalidated:
         parser.error(f"--reference-points {unvalidated}: expected steps random init validates at "
                      f"(multiples of --random-val-every {args.random_val_every} up to {args.random_steps})")
@@ -315,6 +351,8 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace, out: Path, w
             for step in CHECKPOINTS:
                 for metric in VAL:
                     row[f"{metric}@{step}"] = at(entry["curve"][metric], step)
+            row["steps to random's final, per seed"] = " ".join(
+                str(_shown(n, entry["steps"])) for n in entry["steps_to_random_final_per_seed"])
             rows.append(row)
         for step, counts in result["reach"].items():
             inits = result["inits"]

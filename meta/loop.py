@@ -5,8 +5,11 @@ meta-batch's tasks, adapts on them with the configured :class:`~.algorithms.Meta
 and accumulates the meta-gradients; the workers then sum them with an all-reduce over
 the process group Ray Train set up (what DDP's reducer does, done by hand because the
 inner loop runs on learn2learn clones, not through a DDP forward), so every worker takes
-the same outer step. The first ``fidelity_warmup_steps`` outer steps use the losses'
-pixel-fidelity terms only (training's warm-up; multitask gets the same share). Rank 0
+the same outer step. The first ``pretrain_steps`` outer steps are joint (multitask) training
+of the same network on the same meta-batches, the meta algorithm's ``steps`` follow (a
+Meta-Baseline-style schedule: joint pre-training, then meta-learning from there). The first
+``fidelity_warmup_steps`` outer steps use the losses' pixel-fidelity terms only (training's
+warm-up; multitask gets the same share). Rank 0
 logs the query losses before and after adaptation, writes checkpoints through the worker
 context (a restarted or resumed run continues from the last one) and, at the end, the
 meta-initialized model (``model/model.pt``, the same file format as training's, with its
@@ -56,6 +59,8 @@ def meta_worker(config: dict[str, Any]) -> None:
     network = FusionNetwork(genotype)
     algorithm = build_algorithm(settings["algorithm"], network, float(settings["inner_lr"]),
                                 int(settings["inner_steps"]))
+    pretrain = int(settings.get("pretrain_steps", 0))
+    joint = build_algorithm("multitask", network, float(settings["inner_lr"]), int(settings["inner_steps"]))
     params = algorithm.parameters()
     optimizer = torch.optim.Adam(params, lr=float(settings["outer_lr"]))
     step = 0
@@ -74,7 +79,7 @@ def meta_worker(config: dict[str, Any]) -> None:
     sampler = TaskSampler(pools, int(settings["support"]), int(settings["query"]), int(settings["crop"]),
                           seed=seed + 7919 * ctx.rank + 104729 * step)
     tracker = Tracker(config["tracking_uri"], config["mlflow_run_id"]) if ctx.rank == 0 else None
-    steps, meta_batch = int(settings["steps"]), int(settings["meta_batch"])
+    steps, meta_batch = pretrain + int(settings["steps"]), int(settings["meta_batch"])
     share = _share(meta_batch, ctx.rank, ctx.world_size)
     log_every, ckpt_every = int(settings["log_every"]), int(settings["checkpoint_every"])
     fidelity_warmup = int(settings["fidelity_warmup_steps"])
@@ -84,10 +89,11 @@ def meta_worker(config: dict[str, Any]) -> None:
     while step < steps:
         for p in params:
             p.grad = None
+        current = joint if step < pretrain else algorithm
         for _ in range(share):
             task = sampler.sample()
             loss = loss_for(task.task, pixel_only=step < fidelity_warmup)
-            before, after = algorithm.accumulate(task, loss, 1.0 / meta_batch)
+            before, after = current.accumulate(task, loss, 1.0 / meta_batch)
             index = names.index(task.task)
             window[0] += before
             window[1] += after

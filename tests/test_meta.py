@@ -249,6 +249,21 @@ def test_a_meta_run_in_its_fidelity_warm_up_trains_on_the_pixel_terms(workdir):
     assert first_query_loss(1, "w1") < first_query_loss(0, "w0")
 
 
+def test_a_meta_run_with_pretrain_steps_trains_jointly_first_then_meta_learns(workdir):
+    from mlflow.tracking import MlflowClient
+
+    result = _meta("cluster=none", "meta.steps=2", "meta.pretrain_steps=2", "meta.meta_batch=1",
+                   "meta.algorithm=reptile", "name=m6")
+    client = MlflowClient(result["tracking_uri"])
+    before, after = ({m.step: m.value for m in client.get_metric_history(result["run_id"], f"query_loss/{key}")}
+                     for key in ("before", "after"))
+    # a joint step adapts nothing, so its query loss is the same before and after; Reptile's inner loop moves it
+    assert sorted(before) == [1, 2, 3, 4]
+    assert all(before[s] == after[s] for s in (1, 2)) and all(before[s] != after[s] for s in (3, 4))
+    tags = client.get_run(result["run_id"]).data.tags
+    assert (tags["final_step"], tags["pretrain_steps"]) == ("4", "2")
+
+
 def test_adapt_from_multitask_trains_the_baseline_with_matching_compute(workdir):
     from mlflow.tracking import MlflowClient
 
@@ -264,6 +279,10 @@ def test_adapt_from_multitask_trains_the_baseline_with_matching_compute(workdir)
     cfg = multitask_config(compose("adapt", ["meta.steps=10", "meta.inner_steps=3",
                                              "meta.fidelity_warmup_steps=2"]))
     assert (cfg.meta.steps, cfg.meta.fidelity_warmup_steps) == (40, 8)
+    # joint pre-training steps take one pass per task, the meta steps after them inner_steps + 1
+    cfg = multitask_config(compose("adapt", ["meta.steps=10", "meta.inner_steps=3", "meta.pretrain_steps=5",
+                                             "meta.fidelity_warmup_steps=7"]))
+    assert (cfg.meta.steps, cfg.meta.fidelity_warmup_steps, cfg.meta.pretrain_steps) == (45, 13, 0)
     assert "multi_focus" not in baseline.data.tags["tasks"]
 
 
@@ -286,6 +305,7 @@ def test_meta_on_two_ray_train_workers_averages_and_checkpoints(ray_cluster, wor
         ("meta.tasks=[ir_vis,sonar]", "task 'sonar': unknown; valid choices:"),
         ("meta.meta_batch=1", "meta.meta_batch=1: fewer tasks than the 2 workers"),
         ("meta.fidelity_warmup_steps=-1", "meta.fidelity_warmup_steps must be >= 0, got -1"),
+        ("meta.pretrain_steps=-1", "meta.pretrain_steps must be >= 0, got -1"),
     ],
 )
 def test_bad_meta_configs_fail_before_any_work(workdir, override, expected):

@@ -44,6 +44,13 @@ def test_a_curve_reaches_the_reference_where_its_centred_mean_does(bench):
     assert bench.steps_to_reach(spiky, 0.5) is None
 
 
+def test_seed_curves_average_per_step_over_the_steps_every_seed_validated(bench):
+    first = {"loss": [(0, 3.0), (10, 2.0), (20, 1.0)], "VIF": [(0, 0.0), (10, 0.5), (20, 0.7)]}
+    second = {"loss": [(0, 3.0), (10, 1.0)], "VIF": [(0, 0.0), (10, 0.7)]}
+    assert bench.mean_curve([first, second]) == {"loss": [(0, 3.0), (10, 1.5)], "VIF": [(0, 0.0), (10, 0.6)]}
+    assert bench.mean_curve([first]) == first
+
+
 @pytest.mark.parametrize(("meta", "random", "multitask", "met"), [
     (10, 100, 20, (True, True)),
     (11, 100, 20, (False, True)),
@@ -84,6 +91,23 @@ def test_from_json_recomputes_every_reference_without_training(bench, tmp_path, 
                                                  "meta_fewer_than_multitask": False}
     assert (tmp_path / "meta.png").stat().st_size > 0
     assert "random's step" in capsys.readouterr().out
+    # a run of one seed per init (and one stored before seeds) counts that seed alone
+    assert result["inits"]["random"]["steps_to_random_final_per_seed"] == [result["inits"]["random"][
+        "steps_to_random_final"]]
+
+
+def test_each_seeds_steps_are_counted_against_the_mean_curves_reference(bench, tmp_path, capsys):
+    path = stored_run(tmp_path / "meta.json")
+    payload = json.loads(path.read_text())
+    meta = payload["results"][0]["inits"]["meta"]
+    fast, slow = falling(1.7, 0.001, 200), falling(2.3, 0.001, 200)  # mean: the stored 2.0 - 0.001 * step
+    meta["seed_curves"] = [{metric: curve for metric in ("loss", "VIF", "Qabf")} for curve in (fast, slow)]
+    path.write_text(json.dumps(payload))
+    assert bench.main(["--from-json", str(path)]) == 0
+    meta = json.loads(path.read_text())["results"][0]["inits"]["meta"]
+    # random's 1000-step reference is about 1.59: the fast seed reaches it at 110, the slow one never
+    assert meta["steps_to_random_final_per_seed"] == [110, None] and meta["steps_to_random_final"] is None
+    assert "110 >200" in capsys.readouterr().out
 
 
 def test_from_json_rejects_what_it_cannot_read(bench, tmp_path, capsys):

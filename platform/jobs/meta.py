@@ -43,8 +43,9 @@ def check_meta_settings(settings: DictConfig) -> None:
     for key in ("inner_lr", "outer_lr", "grad_clip"):
         if not float(settings[key]) > 0:
             raise UserError(f"meta.{key} must be > 0, got {settings[key]}")
-    if int(settings.fidelity_warmup_steps) < 0:
-        raise UserError(f"meta.fidelity_warmup_steps must be >= 0, got {settings.fidelity_warmup_steps}")
+    for key in ("fidelity_warmup_steps", "pretrain_steps"):
+        if int(settings[key]) < 0:
+            raise UserError(f"meta.{key} must be >= 0, got {settings[key]}")
     if not settings.tasks:
         raise UserError("meta.tasks: give at least one task")
 
@@ -79,6 +80,7 @@ def meta(cfg: DictConfig) -> dict[str, Any]:
     else:
         every = [r for _, (train_records, val_records) in pools.values() for r in train_records + val_records]
         tags = {"job": "meta", "algorithm": str(settings.algorithm), "genotype": genotype.name,
+                "pretrain_steps": str(settings.pretrain_steps),
                 "tasks": ",".join(sorted(pools)), "exclude": ",".join(str(e) for e in settings.exclude),
                 "dataset_fingerprint": fingerprint(every)}
         tracker = Tracker.start({**resolved["tracking"], "uri": tracking_uri(cfg.tracking.uri)}, name, tags,
@@ -98,7 +100,8 @@ def meta(cfg: DictConfig) -> dict[str, Any]:
         "threads_per_worker": int(cfg.cluster.cpus_per_worker),
     }
     print(f"meta-training {genotype.name} with {settings.algorithm} on {', '.join(sorted(pools))}: "
-          f"{settings.steps} outer steps of {settings.meta_batch} tasks, {workers} worker(s), run {name} "
+          f"{settings.pretrain_steps} joint then {settings.steps} outer steps of {settings.meta_batch} tasks, "
+          f"{workers} worker(s), run {name} "
           f"(MLflow {tracker.run_id})")
     run_workers(cfg, meta_worker, loop_config, name, storage, workers, use_gpu, tracker)
     tracker.finish()
@@ -116,14 +119,20 @@ def multitask_config(cfg: DictConfig) -> DictConfig:
 
     settings = cfg.meta
     passes = META_ALGORITHMS.get(str(settings.algorithm)).passes_per_task(int(settings.inner_steps))
+    pretrain = int(settings.pretrain_steps)
+
+    def joint_steps(outer: int) -> int:  # the first `outer` steps: pre-training's take one pass per task
+        return min(outer, pretrain) + max(0, outer - pretrain) * passes
+
     base = compose("meta", [])
     with open_dict(base):
         for key in ("paths", "tracking", "cluster", "data", "meta"):
             base[key] = OmegaConf.create(to_container(cfg[key]))
         base.meta.algorithm = "multitask"
-        base.meta.steps = int(settings.steps) * passes
+        base.meta.steps = joint_steps(pretrain + int(settings.steps))
+        base.meta.pretrain_steps = 0
         # the same share of the steps
-        base.meta.fidelity_warmup_steps = int(settings.fidelity_warmup_steps) * passes
+        base.meta.fidelity_warmup_steps = joint_steps(int(settings.fidelity_warmup_steps))
         base.workdir = str(cfg.workdir)
         base.name = None
     return base
