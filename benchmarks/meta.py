@@ -272,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--inner-steps", type=int, default=3,
                         help="meta.inner_steps (the multitask baseline's steps grow with it: equal passes)")
     parser.add_argument("--pretrain-steps", type=int, default=0,
-                        help="meta.pretrain_steps: joint steps before the meta steps (counted in multitask's)")
+                        help="meta.pretrain_steps: joint steps before the meta steps (multitask counts them)")
     parser.add_argument("--adapt-steps", type=int, default=200)
     parser.add_argument("--random-steps", type=int, default=1000)
     parser.add_argument("--adapt-seeds", type=int, default=1,

@@ -255,9 +255,11 @@ def test_a_meta_run_with_pretrain_steps_trains_jointly_first_then_meta_learns(wo
     result = _meta("cluster=none", "meta.steps=2", "meta.pretrain_steps=2", "meta.meta_batch=1",
                    "meta.algorithm=reptile", "name=m6")
     client = MlflowClient(result["tracking_uri"])
-    before, after = ({m.step: m.value for m in client.get_metric_history(result["run_id"], f"query_loss/{key}")}
+    history = client.get_metric_history
+    before, after = ({m.step: m.value for m in history(result["run_id"], f"query_loss/{key}")}
                      for key in ("before", "after"))
-    # a joint step adapts nothing, so its query loss is the same before and after; Reptile's inner loop moves it
+    # a joint step adapts nothing, so its query loss is the same before and after; Reptile's inner
+    # loop moves it
     assert sorted(before) == [1, 2, 3, 4]
     assert all(before[s] == after[s] for s in (1, 2)) and all(before[s] != after[s] for s in (3, 4))
     tags = client.get_run(result["run_id"]).data.tags

@@ -100,9 +100,8 @@ def meta(cfg: DictConfig) -> dict[str, Any]:
         "threads_per_worker": int(cfg.cluster.cpus_per_worker),
     }
     print(f"meta-training {genotype.name} with {settings.algorithm} on {', '.join(sorted(pools))}: "
-          f"{settings.pretrain_steps} joint then {settings.steps} outer steps of {settings.meta_batch} tasks, "
-          f"{workers} worker(s), run {name} "
-          f"(MLflow {tracker.run_id})")
+          f"{settings.pretrain_steps} joint then {settings.steps} outer steps of {settings.meta_batch} "
+          f"tasks, {workers} worker(s), run {name} (MLflow {tracker.run_id})")
     run_workers(cfg, meta_worker, loop_config, name, storage, workers, use_gpu, tracker)
     tracker.finish()
     metrics = tracker.client.get_run(tracker.run_id).data.metrics
