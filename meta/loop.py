@@ -59,7 +59,7 @@ def meta_worker(config: dict[str, Any]) -> None:
     network = FusionNetwork(genotype)
     algorithm = build_algorithm(settings["algorithm"], network, float(settings["inner_lr"]),
                                 int(settings["inner_steps"]))
-    pretrain = int(settings.get("pretrain_steps", 0))
+    pretrain = int(settings["pretrain_steps"])
     joint = build_algorithm("multitask", network, float(settings["inner_lr"]), int(settings["inner_steps"]))
     params = algorithm.parameters()
     optimizer = torch.optim.Adam(params, lr=float(settings["outer_lr"]))
