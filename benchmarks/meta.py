@@ -195,6 +195,8 @@ def held_out(family: str, args: argparse.Namespace, workdir: Path) -> dict[str, 
         steps = args.random_steps if label == "random" else args.adapt_steps
         val_every = args.random_val_every if label == "random" else args.val_every
         run_ids, seed_curves = [], []
+        # a learned init's step 0 does not depend on the seed: validated once
+        learned_zero = step_zero(f"runs:/{run_id}", family, args, workdir) if run_id else None
         for seed in range(args.seed, args.seed + args.adapt_seeds):
             suffix = f"-s{seed}" if seed != args.seed else ""
             run = adapt(compose("adapt", [*common, f"task={family}", f"init={run_id or 'random'}",
@@ -202,7 +204,7 @@ def held_out(family: str, args: argparse.Namespace, workdir: Path) -> dict[str, 
                                           *_adapt_overrides(args, steps, val_every, seed),
                                           f"name=adapt-{family}-{label}{suffix}"]))
             points = curve(run)
-            zero = step_zero(f"runs:/{run_id}" if run_id else None, family, args, workdir, seed)
+            zero = learned_zero or step_zero(None, family, args, workdir, seed)
             for metric in VAL:
                 points[metric] = [(0, zero[metric]), *points[metric]]
             run_ids.append(run["run_id"])

@@ -9,11 +9,11 @@ the same outer step. The first ``pretrain_steps`` outer steps are joint (multita
 of the same network on the same meta-batches, the meta algorithm's ``steps`` follow (a
 Meta-Baseline-style schedule: joint pre-training, then meta-learning from there). The first
 ``fidelity_warmup_steps`` outer steps use the losses' pixel-fidelity terms only (training's
-warm-up; multitask gets the same share). Rank 0
-logs the query losses before and after adaptation, writes checkpoints through the worker
-context (a restarted or resumed run continues from the last one) and, at the end, the
-meta-initialized model (``model/model.pt``, the same file format as training's, with its
-genotype) and any extra meta-parameters.
+warm-up; multitask gets the same share). Rank 0 logs the query losses before and after
+adaptation, writes checkpoints through the worker context (a restarted or resumed run
+continues from the last one) and, at the end, the meta-initialized model
+(``model/model.pt``, the same file format as training's, with its genotype) and any extra
+meta-parameters.
 """
 
 from __future__ import annotations

@@ -130,7 +130,7 @@ def multitask_config(cfg: DictConfig) -> DictConfig:
         base.meta.algorithm = "multitask"
         base.meta.steps = joint_steps(pretrain + int(settings.steps))
         base.meta.pretrain_steps = 0
-        # the same share of the steps
+        # the warm-up covers the passes of the same outer steps
         base.meta.fidelity_warmup_steps = joint_steps(int(settings.fidelity_warmup_steps))
         base.workdir = str(cfg.workdir)
         base.name = None
