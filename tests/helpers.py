@@ -27,6 +27,13 @@ def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([str(exe), *args], capture_output=True, text=True, cwd=cwd, timeout=600)
 
 
+def job_metric_history(result: dict, key: str) -> list:
+    """The MLflow history of metric ``key`` in a job's run (``result`` as the job returned it)."""
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(result["tracking_uri"]).get_metric_history(result["run_id"], key)
+
+
 def model_run(uri: str, genotype: str = "compact", seed: int = 0, zero: bool = False,
               task: str = "ir_vis") -> str:
     """A finished MLflow run holding ``model/model.pt`` as training logs it (seeded weights; ``zero``:

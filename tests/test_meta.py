@@ -6,6 +6,7 @@ import io
 
 import pytest
 import torch
+from helpers import job_metric_history
 
 from timfusion.meta.algorithms import META_ALGORITHMS, build_algorithm, fusion_loss
 from timfusion.meta.sampler import TaskSampler, included_tasks
@@ -236,14 +237,10 @@ def test_the_fidelity_warm_up_keeps_only_the_pixel_terms(pools):
 
 
 def test_a_meta_run_in_its_fidelity_warm_up_trains_on_the_pixel_terms(workdir):
-    from mlflow.tracking import MlflowClient
-
     def first_query_loss(warmup: int, name: str) -> float:
         result = _meta("cluster=none", "meta.steps=1", "meta.meta_batch=1", "meta.algorithm=fomaml",
                        f"meta.fidelity_warmup_steps={warmup}", f"name={name}")
-        history = MlflowClient(result["tracking_uri"]).get_metric_history(result["run_id"],
-                                                                          "query_loss/before")
-        return history[0].value
+        return job_metric_history(result, "query_loss/before")[0].value
 
     # the same seed, so the same first task and initial network: only the loss differs
     assert first_query_loss(1, "w1") < first_query_loss(0, "w0")
@@ -254,15 +251,13 @@ def test_a_meta_run_with_pretrain_steps_trains_jointly_first_then_meta_learns(wo
 
     result = _meta("cluster=none", "meta.steps=2", "meta.pretrain_steps=2", "meta.meta_batch=1",
                    "meta.algorithm=reptile", "name=m6")
-    client = MlflowClient(result["tracking_uri"])
-    history = client.get_metric_history
-    before, after = ({m.step: m.value for m in history(result["run_id"], f"query_loss/{key}")}
+    before, after = ({m.step: m.value for m in job_metric_history(result, f"query_loss/{key}")}
                      for key in ("before", "after"))
     # a joint step adapts nothing, so its query loss is the same before and after; Reptile's inner
     # loop moves it
     assert sorted(before) == [1, 2, 3, 4]
     assert all(before[s] == after[s] for s in (1, 2)) and all(before[s] != after[s] for s in (3, 4))
-    tags = client.get_run(result["run_id"]).data.tags
+    tags = MlflowClient(result["tracking_uri"]).get_run(result["run_id"]).data.tags
     assert (tags["final_step"], tags["pretrain_steps"]) == ("4", "2")
 
 
@@ -338,7 +333,7 @@ def test_a_resumed_meta_run_continues_from_its_checkpoint(workdir):
     assert again["run_id"] == first["run_id"]
     client = MlflowClient(again["tracking_uri"])
     assert client.get_run(again["run_id"]).data.tags["final_step"] == "4"
-    steps = sorted(m.step for m in client.get_metric_history(again["run_id"], "query_loss/after"))
+    steps = sorted(m.step for m in job_metric_history(again, "query_loss/after"))
     assert steps == [1, 2, 3, 4]  # steps 1-2 from the first run, 3-4 after the resume: none repeated
     with pytest.raises(UserError, match="resume=true: no run 'm5'"):
         _meta("cluster=none", "meta.steps=1", "meta.meta_batch=1", "name=m5", "resume=true")

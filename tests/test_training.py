@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from helpers import job_metric_history
 
 from timfusion.platform.config import compose
 from timfusion.platform.errors import UserError
@@ -28,10 +29,7 @@ def final_step(result: dict) -> int:
 
 
 def metric_steps(result: dict, key: str) -> list[int]:
-    from mlflow.tracking import MlflowClient
-
-    history = MlflowClient(result["tracking_uri"]).get_metric_history(result["run_id"], key)
-    return sorted(m.step for m in history)
+    return sorted(m.step for m in job_metric_history(result, key))
 
 
 def test_two_workers_log_everything_and_checkpoint(ray_cluster, workdir):
