@@ -4,7 +4,7 @@ Usage::
 
     python benchmarks/meta.py [--families ir_vis medical multi_exposure multi_focus]
                               [--algorithm maml] [--meta-steps 100] [--inner-steps 3]
-                              [--pretrain-steps 0]
+                              [--pretrain-steps 0] [--cross-losses]
                               [--adapt-steps 200] [--adapt-seeds 1]
                               [--random-steps 1000] [--reference-points 200 300 500]
                               [--data task] [--threads N] [--out benchmarks/results/meta.json]
@@ -18,7 +18,8 @@ as the activity rule, near the optimum of every family's loss, so no initializat
 help it).
 
 1. ``timfusion meta`` learns the initialization on the other families (``--algorithm``,
-   ``--meta-steps`` outer steps; the meta defaults otherwise), in-process on all threads;
+   ``--meta-steps`` outer steps, ``--cross-losses`` for task augmentation; the meta defaults
+   otherwise), in-process on all threads;
 2. the multitask baseline: ``timfusion meta meta.algorithm=multitask`` on the same
    families with as many forward/backward passes (``adapt init=multitask``'s rule);
 3. ``timfusion adapt`` to the held-out family from each: meta-init and multitask for
@@ -84,7 +85,8 @@ def _meta_overrides(args: argparse.Namespace, family: str) -> list[str]:
     return [f"meta.genotype={args.genotype}", f"meta.algorithm={args.algorithm}",
             f"meta.steps={args.meta_steps}", f"meta.exclude=[{family}]",
             f"meta.tasks=[{','.join(META_TASKS)}]", f"meta.seed={args.seed}",
-            f"meta.inner_steps={args.inner_steps}", f"meta.pretrain_steps={args.pretrain_steps}"]
+            f"meta.inner_steps={args.inner_steps}", f"meta.pretrain_steps={args.pretrain_steps}",
+            f"meta.cross_losses={str(args.cross_losses).lower()}"]
 
 
 def _adapt_overrides(args: argparse.Namespace, steps: int, val_every: int | None = None,
@@ -275,6 +277,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="meta.inner_steps (the multitask baseline's steps grow with it: equal passes)")
     parser.add_argument("--pretrain-steps", type=int, default=0,
                         help="meta.pretrain_steps: joint steps before the meta steps (multitask counts them)")
+    parser.add_argument("--cross-losses", action="store_true",
+                        help="meta.cross_losses: each meta-task's loss from a family drawn apart from its "
+                             "patches' (the multitask baseline gets the same draws)")
     parser.add_argument("--adapt-steps", type=int, default=200)
     parser.add_argument("--random-steps", type=int, default=1000)
     parser.add_argument("--adapt-seeds", type=int, default=1,

@@ -181,6 +181,10 @@ class Reptile(MetaAlgorithm):
 
     name = "reptile"
 
+    @classmethod
+    def passes_per_task(cls, inner_steps: int) -> int:
+        return inner_steps  # the query losses before and after are logged, forward only
+
     def accumulate(self, task, loss, scale):
         before = _query_before(self.network, task, loss)
         fast = copy.deepcopy(self.network)

@@ -77,7 +77,8 @@ def meta_worker(config: dict[str, Any]) -> None:
     loss_for = fusion_loss({name: task.build_loss() for name, (task, _) in pools.items()})
     # A resumed run draws new tasks rather than replaying the first ones.
     sampler = TaskSampler(pools, int(settings["support"]), int(settings["query"]), int(settings["crop"]),
-                          seed=seed + 7919 * ctx.rank + 104729 * step)
+                          seed=seed + 7919 * ctx.rank + 104729 * step,
+                          cross_losses=bool(settings["cross_losses"]))
     tracker = Tracker(config["tracking_uri"], config["mlflow_run_id"]) if ctx.rank == 0 else None
     steps, meta_batch = pretrain + int(settings["steps"]), int(settings["meta_batch"])
     share = _share(meta_batch, ctx.rank, ctx.world_size)
@@ -92,7 +93,7 @@ def meta_worker(config: dict[str, Any]) -> None:
         current = joint if step < pretrain else algorithm
         for _ in range(share):
             task = sampler.sample()
-            loss = loss_for(task.task, pixel_only=step < fidelity_warmup)
+            loss = loss_for(task.loss, pixel_only=step < fidelity_warmup)
             before, after = current.accumulate(task, loss, 1.0 / meta_batch)
             index = names.index(task.task)
             window[0] += before

@@ -4,6 +4,11 @@ The task distribution is uniform over the *families* left after ``exclude`` (``i
 ``medical``, ``multi_exposure``, ``multi_focus``), then uniform over the family's
 configured variants (``mri_ct``, ``mri_pet``, ``mri_spect``), so the three medical
 variants do not outweigh the other families. ``exclude`` takes task or family names.
+
+``cross_losses`` (task augmentation) draws the loss's family independently of the data's,
+from the same included families: the same patches then meet conflicting fusion rules, the
+setting in which an initialization that adapts fast differs from one that fits the average
+rule (joint training on the same draws).
 """
 
 from __future__ import annotations
@@ -22,11 +27,15 @@ from timfusion.tasks.datasets import PairedDataset, PairRecord
 
 @dataclass
 class MetaTask:
-    """One meta-task: the task it comes from and its support and query patches."""
+    """One meta-task: the task its patches come from, the task whose loss applies, the patches."""
 
     task: str
     support: dict[str, Tensor]
     query: dict[str, Tensor]
+    loss: str = ""
+
+    def __post_init__(self) -> None:
+        self.loss = self.loss or self.task
 
 
 def included_tasks(tasks: Sequence[FusionTask], exclude: Sequence[str]) -> list[FusionTask]:
@@ -52,6 +61,7 @@ class TaskSampler:
         query: int,
         crop: int,
         seed: int,
+        cross_losses: bool = False,
     ) -> None:
         if support < 1 or query < 1:
             raise UserError(f"meta.support and meta.query must be >= 1, got {support} and {query}")
@@ -65,13 +75,17 @@ class TaskSampler:
             families.setdefault(task.family, []).append(name)
         self.families = {family: sorted(names) for family, names in sorted(families.items())}
         self.support, self.query = support, query
+        self.cross_losses = cross_losses
         self.rng = np.random.default_rng(seed)
         self.draws = 0
 
+    def _draw(self) -> str:
+        """A task name: a family uniformly, then one of its variants uniformly."""
+        variants = self.families[list(self.families)[self.rng.integers(len(self.families))]]
+        return variants[self.rng.integers(len(variants))]
+
     def sample(self) -> MetaTask:
-        family = list(self.families)[self.rng.integers(len(self.families))]
-        variants = self.families[family]
-        name = variants[self.rng.integers(len(variants))]
+        name = self._draw()
         dataset = self.datasets[name]
         dataset.set_epoch(self.draws)
         self.draws += 1
@@ -81,4 +95,5 @@ class TaskSampler:
         a = torch.stack([item["a"] for item in items])
         b = torch.stack([item["b"] for item in items])
         s = self.support
-        return MetaTask(name, {"a": a[:s], "b": b[:s]}, {"a": a[s:], "b": b[s:]})
+        loss = self._draw() if self.cross_losses else name
+        return MetaTask(name, {"a": a[:s], "b": b[:s]}, {"a": a[s:], "b": b[s:]}, loss)

@@ -139,6 +139,20 @@ def test_families_are_drawn_evenly_not_by_variant_count(pools):
     assert {"mri_ct", "mri_pet", "mri_spect"} <= set(drawn)
 
 
+def test_cross_losses_draw_the_loss_apart_from_the_patches_from_the_same_families(pools):
+    kept = {name: pools[name] for name in ("ir_vis", "mri_ct", "multi_exposure")}
+    plain = TaskSampler(kept, support=1, query=1, crop=16, seed=0)
+    assert all(task.loss == task.task for task in (plain.sample() for _ in range(30)))
+    crossed = TaskSampler(kept, support=1, query=1, crop=16, seed=0, cross_losses=True)
+    draws = [crossed.sample() for _ in range(90)]
+    assert {task.loss for task in draws} == set(kept)  # never an excluded family's loss
+    assert 15 < sum(task.loss != task.task for task in draws) < 80  # about two thirds
+    # the patches are drawn as without it: the same data tasks, in the same order
+    plain = TaskSampler(kept, support=1, query=1, crop=16, seed=0)
+    assert plain.sample().task == TaskSampler(kept, support=1, query=1, crop=16, seed=0,
+                                              cross_losses=True).sample().task
+
+
 def _meta(*overrides: str) -> dict:
     from timfusion.platform.jobs.meta import meta
 
@@ -258,7 +272,16 @@ def test_a_meta_run_with_pretrain_steps_trains_jointly_first_then_meta_learns(wo
     assert sorted(before) == [1, 2, 3, 4]
     assert all(before[s] == after[s] for s in (1, 2)) and all(before[s] != after[s] for s in (3, 4))
     tags = MlflowClient(result["tracking_uri"]).get_run(result["run_id"]).data.tags
-    assert (tags["final_step"], tags["pretrain_steps"]) == ("4", "2")
+    assert (tags["final_step"], tags["pretrain_steps"], tags["cross_losses"]) == ("4", "2", "false")
+
+
+def test_a_meta_run_with_cross_losses_trains_and_says_so(workdir):
+    from mlflow.tracking import MlflowClient
+
+    result = _meta("cluster=none", "meta.steps=2", "meta.meta_batch=2", "meta.algorithm=reptile",
+                   "meta.cross_losses=true", "name=m7")
+    assert [m.step for m in job_metric_history(result, "query_loss/after")] == [1, 2]
+    assert MlflowClient(result["tracking_uri"]).get_run(result["run_id"]).data.tags["cross_losses"] == "true"
 
 
 def test_adapt_from_multitask_trains_the_baseline_with_matching_compute(workdir):
@@ -280,6 +303,11 @@ def test_adapt_from_multitask_trains_the_baseline_with_matching_compute(workdir)
     cfg = multitask_config(compose("adapt", ["meta.steps=10", "meta.inner_steps=3", "meta.pretrain_steps=5",
                                              "meta.fidelity_warmup_steps=7"]))
     assert (cfg.meta.steps, cfg.meta.fidelity_warmup_steps, cfg.meta.pretrain_steps) == (45, 13, 0)
+    # Reptile's passes are its inner steps (on support and query patches): the query losses it logs
+    # are forward only, as multitask's are
+    cfg = multitask_config(compose("adapt", ["meta.algorithm=reptile", "meta.steps=10",
+                                             "meta.inner_steps=3"]))
+    assert cfg.meta.steps == 30
     assert "multi_focus" not in baseline.data.tags["tasks"]
 
 
@@ -303,6 +331,7 @@ def test_meta_on_two_ray_train_workers_averages_and_checkpoints(ray_cluster, wor
         ("meta.meta_batch=1", "meta.meta_batch=1: fewer tasks than the 2 workers"),
         ("meta.fidelity_warmup_steps=-1", "meta.fidelity_warmup_steps must be >= 0, got -1"),
         ("meta.pretrain_steps=-1", "meta.pretrain_steps must be >= 0, got -1"),
+        ("meta.cross_losses=sometimes", "meta.cross_losses must be true or false, got 'sometimes'"),
     ],
 )
 def test_bad_meta_configs_fail_before_any_work(workdir, override, expected):

@@ -46,6 +46,8 @@ def check_meta_settings(settings: DictConfig) -> None:
     for key in ("fidelity_warmup_steps", "pretrain_steps"):
         if int(settings[key]) < 0:
             raise UserError(f"meta.{key} must be >= 0, got {settings[key]}")
+    if not isinstance(settings.cross_losses, bool):
+        raise UserError(f"meta.cross_losses must be true or false, got {settings.cross_losses!r}")
     if not settings.tasks:
         raise UserError("meta.tasks: give at least one task")
 
@@ -81,6 +83,7 @@ def meta(cfg: DictConfig) -> dict[str, Any]:
         every = [r for _, (train_records, val_records) in pools.values() for r in train_records + val_records]
         tags = {"job": "meta", "algorithm": str(settings.algorithm), "genotype": genotype.name,
                 "pretrain_steps": str(settings.pretrain_steps),
+                "cross_losses": str(settings.cross_losses).lower(),
                 "tasks": ",".join(sorted(pools)), "exclude": ",".join(str(e) for e in settings.exclude),
                 "dataset_fingerprint": fingerprint(every)}
         tracker = Tracker.start({**resolved["tracking"], "uri": tracking_uri(cfg.tracking.uri)}, name, tags,
