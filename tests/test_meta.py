@@ -147,7 +147,7 @@ def test_cross_losses_draw_the_loss_apart_from_the_patches_from_the_same_familie
     draws = [crossed.sample() for _ in range(90)]
     assert {task.loss for task in draws} == set(kept)  # never an excluded family's loss
     assert 15 < sum(task.loss != task.task for task in draws) < 80  # about two thirds
-    # the patches are drawn as without it: the same data tasks, in the same order
+    # the first meta-task's patches come from the task they come from without it (the loss draw follows)
     plain = TaskSampler(kept, support=1, query=1, crop=16, seed=0)
     assert plain.sample().task == TaskSampler(kept, support=1, query=1, crop=16, seed=0,
                                               cross_losses=True).sample().task
@@ -303,12 +303,12 @@ def test_adapt_from_multitask_trains_the_baseline_with_matching_compute(workdir)
     cfg = multitask_config(compose("adapt", ["meta.steps=10", "meta.inner_steps=3", "meta.pretrain_steps=5",
                                              "meta.fidelity_warmup_steps=7"]))
     assert (cfg.meta.steps, cfg.meta.fidelity_warmup_steps, cfg.meta.pretrain_steps) == (45, 13, 0)
+    assert "multi_focus" not in baseline.data.tags["tasks"]
     # Reptile's passes are its inner steps (on support and query patches): the query losses it logs
     # are forward only, as multitask's are
     cfg = multitask_config(compose("adapt", ["meta.algorithm=reptile", "meta.steps=10",
                                              "meta.inner_steps=3"]))
     assert cfg.meta.steps == 30
-    assert "multi_focus" not in baseline.data.tags["tasks"]
 
 
 def test_meta_on_two_ray_train_workers_averages_and_checkpoints(ray_cluster, workdir):
