@@ -32,10 +32,7 @@ class MetaTask:
     task: str
     support: dict[str, Tensor]
     query: dict[str, Tensor]
-    loss: str = ""
-
-    def __post_init__(self) -> None:
-        self.loss = self.loss or self.task
+    loss: str
 
 
 def included_tasks(tasks: Sequence[FusionTask], exclude: Sequence[str]) -> list[FusionTask]:

@@ -34,6 +34,13 @@ def job_metric_history(result: dict, key: str) -> list:
     return MlflowClient(result["tracking_uri"]).get_metric_history(result["run_id"], key)
 
 
+def job_tags(result: dict) -> dict[str, str]:
+    """The MLflow tags of a job's run (``result`` as the job returned it)."""
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(result["tracking_uri"]).get_run(result["run_id"]).data.tags
+
+
 def model_run(uri: str, genotype: str = "compact", seed: int = 0, zero: bool = False,
               task: str = "ir_vis") -> str:
     """A finished MLflow run holding ``model/model.pt`` as training logs it (seeded weights; ``zero``:

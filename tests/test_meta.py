@@ -6,7 +6,7 @@ import io
 
 import pytest
 import torch
-from helpers import job_metric_history
+from helpers import job_metric_history, job_tags
 
 from timfusion.meta.algorithms import META_ALGORITHMS, build_algorithm, fusion_loss
 from timfusion.meta.sampler import TaskSampler, included_tasks
@@ -261,8 +261,6 @@ def test_a_meta_run_in_its_fidelity_warm_up_trains_on_the_pixel_terms(workdir):
 
 
 def test_a_meta_run_with_pretrain_steps_trains_jointly_first_then_meta_learns(workdir):
-    from mlflow.tracking import MlflowClient
-
     result = _meta("cluster=none", "meta.steps=2", "meta.pretrain_steps=2", "meta.meta_batch=1",
                    "meta.algorithm=reptile", "name=m6")
     before, after = ({m.step: m.value for m in job_metric_history(result, f"query_loss/{key}")}
@@ -271,17 +269,15 @@ def test_a_meta_run_with_pretrain_steps_trains_jointly_first_then_meta_learns(wo
     # loop moves it
     assert sorted(before) == [1, 2, 3, 4]
     assert all(before[s] == after[s] for s in (1, 2)) and all(before[s] != after[s] for s in (3, 4))
-    tags = MlflowClient(result["tracking_uri"]).get_run(result["run_id"]).data.tags
+    tags = job_tags(result)
     assert (tags["final_step"], tags["pretrain_steps"], tags["cross_losses"]) == ("4", "2", "false")
 
 
 def test_a_meta_run_with_cross_losses_trains_and_says_so(workdir):
-    from mlflow.tracking import MlflowClient
-
     result = _meta("cluster=none", "meta.steps=2", "meta.meta_batch=2", "meta.algorithm=reptile",
                    "meta.cross_losses=true", "name=m7")
     assert [m.step for m in job_metric_history(result, "query_loss/after")] == [1, 2]
-    assert MlflowClient(result["tracking_uri"]).get_run(result["run_id"]).data.tags["cross_losses"] == "true"
+    assert job_tags(result)["cross_losses"] == "true"
 
 
 def test_adapt_from_multitask_trains_the_baseline_with_matching_compute(workdir):

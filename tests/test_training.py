@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from helpers import job_metric_history
+from helpers import job_metric_history, job_tags
 
 from timfusion.platform.config import compose
 from timfusion.platform.errors import UserError
@@ -23,9 +23,7 @@ def run_train(*overrides: str) -> dict:
 
 
 def final_step(result: dict) -> int:
-    from mlflow.tracking import MlflowClient
-
-    return int(MlflowClient(result["tracking_uri"]).get_run(result["run_id"]).data.tags["final_step"])
+    return int(job_tags(result)["final_step"])
 
 
 def metric_steps(result: dict, key: str) -> list[int]:
