@@ -83,8 +83,25 @@ def to_uint8(image: np.ndarray) -> np.ndarray:
     return np.floor(clipped + 0.5).astype(np.uint8)
 
 
+def plain_mode(directory: bool = False) -> int:
+    """The permissions a plain ``open`` (or ``mkdir``) would give under the process's umask:
+    what a temporary file or folder renamed into place should get, not its owner-only ones."""
+    mask = None
+    try:  # read where /proc shows it: setting the umask to read it races other threads
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                mask = int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    if mask is None:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return (0o777 if directory else 0o666) & ~mask
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to a temporary name beside ``path`` and rename it into place."""
+    """Write ``data`` to a temporary name beside ``path`` and rename it into place, with the
+    permissions a plain ``open`` gives (the temporary file alone would leave it owner-only)."""
     if is_url(path):
         # Object stores have no rename: a single PUT is already all-or-nothing.
         with fsspec.open(str(path), "wb") as handle:
@@ -94,6 +111,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
     try:
+        os.chmod(tmp_name, plain_mode())
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
         os.replace(tmp_name, target)

@@ -53,7 +53,7 @@ from scipy import ndimage
 from timfusion.platform.errors import UserError
 from timfusion.platform.registry import Registry
 from timfusion.tasks.colour import rgb_to_gray
-from timfusion.tasks.imageio import atomic_write_text, is_url, write_image
+from timfusion.tasks.imageio import atomic_write_text, is_url, plain_mode, write_image
 
 __all__ = [
     "FAMILIES",
@@ -1096,6 +1096,7 @@ def synthesized_once(
         return root
     parent.mkdir(parents=True, exist_ok=True)
     partial = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=parent))
+    partial.chmod(plain_mode(directory=True))  # mkdtemp's folder is owner-only
     synthesize(family, partial, n=int(n), seed=int(seed), size=(height, width), overwrite=True)
     if root.exists() and not (root / "MANIFEST.tsv").exists():
         shutil.rmtree(root, ignore_errors=True)  # left half-written by an interrupted older run

@@ -27,11 +27,21 @@ def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([str(exe), *args], capture_output=True, text=True, cwd=cwd, timeout=600)
 
 
-def job_metric_history(result: dict, key: str) -> list:
-    """The MLflow history of metric ``key`` in a job's run (``result`` as the job returned it)."""
+def default_store(workdir: Path) -> str:
+    """The MLflow tracking URI a job run from ``workdir`` with the default config writes to."""
+    return f"sqlite:///{workdir / 'runs' / 'mlflow.db'}"
+
+
+def metric_history(tracking_uri: str, run_id: str, key: str) -> list:
+    """The MLflow history of metric ``key`` in run ``run_id``."""
     from mlflow.tracking import MlflowClient
 
-    return MlflowClient(result["tracking_uri"]).get_metric_history(result["run_id"], key)
+    return MlflowClient(tracking_uri).get_metric_history(run_id, key)
+
+
+def job_metric_history(result: dict, key: str) -> list:
+    """The MLflow history of metric ``key`` in a job's run (``result`` as the job returned it)."""
+    return metric_history(result["tracking_uri"], result["run_id"], key)
 
 
 def job_tags(result: dict) -> dict[str, str]:

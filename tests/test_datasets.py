@@ -1,4 +1,5 @@
-"""Paired datasets: manifests, the folder convention, fsspec URLs, crops, errors."""
+"""Paired datasets: manifests, the folder convention, fsspec URLs, crops, errors, and the
+permissions of what is written."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from helpers import need_shared
 from timfusion.platform.errors import UserError
 from timfusion.tasks import build_task
 from timfusion.tasks.datasets import PairedDataset, fingerprint, load_pair, load_records, read_manifest
-from timfusion.tasks.imageio import read_image, write_image
+from timfusion.tasks.imageio import atomic_write_text, read_image, write_image
+from timfusion.tasks.synthetic import synthesized_once
 
 IR_VIS = {"name": "ir_vis", "loss": {"intensity": 1.0}}
 
@@ -137,3 +139,22 @@ def test_real_manifests_read(task):
     assert len(records) == 38 and all(r.label for r in records)
     a, b = load_pair(records[0])
     assert a.ndim == 2 and b.ndim == 3 and a.shape == b.shape[:2]
+
+
+@pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)],
+                         ids=["umask-022", "umask-077", "umask-002"])
+def test_written_files_and_folders_get_the_permissions_of_the_umask(tmp_path, umask, mode):
+    """Atomic writes go through an owner-only temporary file or folder: what is renamed into
+    place must be as readable as a plain open or mkdir under the umask would leave it."""
+    import os
+
+    previous = os.umask(umask)
+    try:
+        write_image(tmp_path / "fused.png", np.zeros((4, 4)))
+        atomic_write_text(tmp_path / "trials.json", "[]")
+        data = synthesized_once("ir_vis", tmp_path / "cache", n=2, seed=0, size=(32, 32))
+    finally:
+        os.umask(previous)
+    for path in (tmp_path / "fused.png", tmp_path / "trials.json", data / "MANIFEST.tsv"):
+        assert path.stat().st_mode & 0o777 == mode, path
+    assert data.stat().st_mode & 0o777 == 0o777 & ~umask  # a folder: searchable too

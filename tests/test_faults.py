@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import free_port, start_moto
+from helpers import default_store, free_port, metric_history, start_moto
 
 SECRET = "timfusion-secret-that-is-never-logged-0123"
 ACCESS = "AKIATIMFUSIONDRILL01"
@@ -72,7 +72,9 @@ def finish(proc: subprocess.Popen, timeout: float = 420) -> str:
             proc.kill()
 
 
-def wait_for(predicate, proc: subprocess.Popen, what: str, timeout: float = 240) -> None:
+def wait_for(predicate, proc: subprocess.Popen, what: str, timeout: float = 480) -> None:
+    """Poll until ``predicate()`` holds. The timeout only bounds a hung driver: on a loaded
+    2-CPU machine the trials can take minutes to start, so it is no measure of speed."""
     deadline = time.time() + timeout
     while not predicate():
         if proc.poll() is not None:
@@ -118,7 +120,7 @@ def logged_step(workdir: Path, run_name: str) -> int:
     if not (workdir / "runs" / "mlflow.db").exists():
         return 0
     runs = mlflow_runs(workdir, f"attributes.run_name = '{run_name}'")
-    history = metric_history(workdir, runs[0].info.run_id, "loss/total") if runs else []
+    history = metric_history(default_store(workdir), runs[0].info.run_id, "loss/total") if runs else []
     return max((m.step for m in history), default=0)
 
 
@@ -126,16 +128,10 @@ def mlflow_runs(workdir: Path, filter_string: str, deleted: bool = False) -> lis
     from mlflow.entities import ViewType
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(f"sqlite:///{workdir / 'runs' / 'mlflow.db'}")
+    client = MlflowClient(default_store(workdir))
     experiment = client.get_experiment_by_name("timfusion")
     view = ViewType.ALL if deleted else ViewType.ACTIVE_ONLY
     return client.search_runs([experiment.experiment_id], filter_string, run_view_type=view)
-
-
-def metric_history(workdir: Path, run_id: str, key: str) -> list:
-    from mlflow.tracking import MlflowClient
-
-    return MlflowClient(f"sqlite:///{workdir / 'runs' / 'mlflow.db'}").get_metric_history(run_id, key)
 
 
 def trial_runs(workdir: Path, search_run_id: str) -> list:
@@ -168,7 +164,7 @@ def test_a_killed_driver_is_resumed_and_lists_every_trial_once(multinode, drill_
     assert len(names) == 4 and len(set(names)) == 4, names
     for run in trials:
         assert run.info.status == "FINISHED"
-        steps = [m.step for m in metric_history(tmp_path, run.info.run_id, "val_loss")]
+        steps = [m.step for m in metric_history(default_store(tmp_path), run.info.run_id, "val_loss")]
         assert steps == sorted(set(steps)) and steps[-1] == 24, (run.info.run_name, steps)
     results = json.loads((tmp_path / "outputs" / "search" / "lost-driver" / "trials.json").read_text())
     assert sorted(r["trial"] for r in results) == sorted({r["trial"] for r in results}) and len(results) == 4
@@ -201,10 +197,11 @@ def test_a_killed_train_worker_resumes_from_the_last_checkpoint(multinode, drill
     output = finish(driver)
     assert driver.returncode == 0, output[-4000:]
     (run,) = mlflow_runs(tmp_path, "attributes.run_name = 'lost-worker'")
-    restored = [m.value for m in metric_history(tmp_path, run.info.run_id, "restored_from_step")]
+    store = default_store(tmp_path)
+    restored = [m.value for m in metric_history(store, run.info.run_id, "restored_from_step")]
     assert restored and min(restored) >= max(5, seen), restored  # continued from a checkpoint, never from 0
     assert int(run.data.tags["final_step"]) == 40
-    steps = [m.step for m in metric_history(tmp_path, run.info.run_id, "loss/total")]
+    steps = [m.step for m in metric_history(store, run.info.run_id, "loss/total")]
     assert sorted(steps) == list(range(1, 41)), steps  # the replayed steps are not logged twice
 
 
@@ -229,7 +226,7 @@ def test_everything_on_s3_and_no_credential_is_recorded(multinode, drill_env, s3
     assert fs.glob("drill/mlflow/**/model.pt"), fs.find("drill/mlflow")
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    client = MlflowClient(default_store(tmp_path))
     (run,) = client.search_runs([client.get_experiment_by_name("on-s3").experiment_id])
     config = Path(client.download_artifacts(run.info.run_id, "config/config.yaml", str(tmp_path))).read_text()
     assert "s3://drill/ray" in config  # the storage is recorded, the credentials are not
@@ -291,7 +288,7 @@ def test_s3_down_during_training_fails_clearly_and_records_nothing_complete(tmp_
     assert "final_step" not in run.data.tags  # nothing recorded as complete
     from mlflow.tracking import MlflowClient
 
-    assert not MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}").list_artifacts(
+    assert not MlflowClient(default_store(tmp_path)).list_artifacts(
         run.info.run_id, "model")
 
 
@@ -313,13 +310,14 @@ def test_a_lost_worker_node_resumes_its_trials_and_loses_no_result(multinode, dr
     parent = search_run(tmp_path, "lost-node")
     trials = trial_runs(tmp_path, parent.info.run_id)
     assert len(trials) == 4 and all(run.info.status == "FINISHED" for run in trials)
-    restored = {run.info.run_name: [m.value for m in metric_history(tmp_path, run.info.run_id,
+    store = default_store(tmp_path)
+    restored = {run.info.run_name: [m.value for m in metric_history(store, run.info.run_id,
                                                                     "restored_from_step")]
                 for run in trials}
     # from a checkpoint, not 0
     assert any(values and min(values) >= 2 for values in restored.values()), restored
     for run in trials:
-        steps = [m.step for m in metric_history(tmp_path, run.info.run_id, "val_loss")]
+        steps = [m.step for m in metric_history(store, run.info.run_id, "val_loss")]
         assert steps == sorted(set(steps)) and steps[-1] == 30, (run.info.run_name, steps)
     results = json.loads((tmp_path / "outputs" / "search" / "lost-node" / "trials.json").read_text())
     assert len(results) == 4 and all(r["steps"] == 30 for r in results)

@@ -1,5 +1,5 @@
-"""The adaptation benchmark's measure (benchmarks/meta.py): the references, the step counts,
-the target and the re-report of a stored run. The issue's target is judged by these."""
+"""The adaptation benchmark (benchmarks/meta.py): the references, the step counts, the target,
+the re-report of a stored run, and a toy run end to end. The issue's target is judged by these."""
 
 from __future__ import annotations
 
@@ -127,3 +127,36 @@ def test_reference_points_random_init_does_not_validate_are_refused_before_train
     with pytest.raises(SystemExit) as exit_info:
         bench.main(["--reference-points", "205", "--random-val-every", "10"])
     assert exit_info.value.code == 2
+
+
+def test_a_run_trains_adapts_each_seed_and_reports_on_synthetic_data(bench, tmp_path, monkeypatch, capsys):
+    """The benchmark end to end, at toy budgets: both learned inits are trained with the flags
+    passed through, every init is adapted once per seed, and the tables, JSON and PNG follow."""
+    import torch
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.chdir(tmp_path)  # the benchmark changes into its workdir
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    out, workdir = tmp_path / "meta.json", tmp_path / "work"
+    assert bench.main(["--families", "multi_focus", "--data", "synthetic", "--algorithm", "reptile",
+                       "--meta-steps", "2", "--cross-losses", "--adapt-steps", "10", "--random-steps", "20",
+                       "--reference-points", "10", "--adapt-seeds", "2",
+                       "--threads", str(torch.get_num_threads()),
+                       "--out", str(out), "--workdir", str(workdir)]) == 0
+    payload = json.loads(out.read_text())
+    result = payload["results"][0]
+    assert result["family"] == "multi_focus" and payload["args"]["cross_losses"] is True
+    for label, steps in (("meta", 10), ("multitask", 10), ("random", 20)):
+        entry = result["inits"][label]
+        assert len(set(entry["run_ids"])) == 2 and len(entry["seed_curves"]) == 2
+        assert entry["curve"]["loss"][-1][0] == steps and len(entry["steps_to_random_final_per_seed"]) == 2
+    assert set(result["reach"]) == {"10", "20"}
+    assert set(payload["targets"]["multi_focus"]) == {"meta_10x_fewer_than_random",
+                                                     "meta_fewer_than_multitask"}
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    for run_id, algorithm in ((result["meta_run"], "reptile"), (result["multitask_run"], "multitask")):
+        tags = client.get_run(run_id).data.tags
+        assert tags["cross_losses"] == "true" and tags["algorithm"] == algorithm
+    assert client.get_run(result["inits"]["meta"]["run_ids"][1]).data.params["train.seed"] == "1"
+    assert out.with_suffix(".png").stat().st_size > 0
+    assert "steps to random's final, per seed" in capsys.readouterr().out

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import free_port, model_run, run_cli, wait_for_http
+from helpers import default_store, free_port, model_run, run_cli, wait_for_http
 
 from timfusion.platform.errors import UserError
 from timfusion.tasks.imageio import read_image, write_image
@@ -21,7 +21,7 @@ NAME = "timfusion-ir_vis"
 
 @pytest.fixture
 def store(workdir) -> str:
-    return f"sqlite:///{workdir / 'runs' / 'mlflow.db'}"
+    return default_store(workdir)
 
 
 @pytest.fixture

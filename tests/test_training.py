@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from helpers import job_metric_history, job_tags
+from helpers import default_store, job_metric_history, job_tags
 
 from timfusion.platform.config import compose
 from timfusion.platform.errors import UserError
@@ -109,7 +109,7 @@ def test_main_job_trains_fuses_and_ranks_the_network_beside_the_baselines(ray_cl
     assert (workdir / "main" / "search" / result["search"]["name"] / "genotype.json").exists()
     assert len(list((workdir / "main" / "fused" / "timfusion_compact").glob("*.png"))) == 3
     trained = result["train"]
-    assert trained["tracking_uri"] == f"sqlite:///{workdir / 'main' / 'runs' / 'mlflow.db'}"
+    assert trained["tracking_uri"] == default_store(workdir / "main")
     run_info = MlflowClient(trained["tracking_uri"]).get_run(trained["run_id"])
     assert run_info.info.status == "FINISHED" and run_info.data.tags["final_step"] == "3"
     out = capsys.readouterr().out
