@@ -200,6 +200,7 @@ def test_meta_run_then_adapt_from_its_run_id_loads_its_weights_and_trains(workdi
     assert tags["job"] == "adapt" and tags["init_run_id"] == meta_run["run_id"]
     params = client.get_run(frozen["run_id"]).data.params  # a learned init skips training's warm-ups
     assert (params["train.warmup_steps"], params["train.fidelity_warmup_steps"]) == ("0", "0")
+    assert not [key for key in params if key.startswith("meta.")]  # meta.* built nothing of this run
 
     trained = _adapt("task=multi_focus", f"init=runs:/{meta_run['run_id']}", "steps=3", "name=a1")
     assert client.get_run(trained["run_id"]).data.tags["final_step"] == "3"
@@ -289,6 +290,7 @@ def test_adapt_from_multitask_trains_the_baseline_with_matching_compute(workdir)
     client = MlflowClient(result["tracking_uri"])
     baseline = client.get_run(client.get_run(result["run_id"]).data.tags["init_run_id"])
     assert baseline.data.tags["algorithm"] == "multitask" and baseline.data.tags["final_step"] == "4"
+    assert client.get_run(result["run_id"]).data.params["meta.steps"] == "2"  # what built its init
     # meta.fidelity_warmup_steps (20 by default) scales with the steps: the same share of them
     from timfusion.platform.jobs.meta import multitask_config
 

@@ -184,4 +184,6 @@ def adapt(cfg: DictConfig) -> dict[str, Any]:
                 cfg.genotype = str(path)
         load_genotype(str(cfg.genotype))
         cfg.tags = {**to_container(cfg.tags), **tags}
+        if init != "multitask":  # only that init is built from meta.*: recorded, it would misdescribe the run
+            del cfg["meta"]
     return train(cfg)
