@@ -27,6 +27,7 @@ MODEL_FORMS = (
     "baseline:NAME", "models:/NAME@ALIAS", "models:/NAME/VERSION", "runs:/RUN_ID", "PATH/model.pt",
     "a folder holding model.pt",
 )
+NETWORK_FORMS = MODEL_FORMS[1:]  # the trained networks alone, without the classic fusers
 MODEL_ARTIFACT = "model/model.pt"
 
 

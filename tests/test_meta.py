@@ -213,6 +213,13 @@ def test_a_genotype_mismatch_between_init_and_network_is_a_clear_error(workdir):
         _adapt("task=ir_vis", f"init={meta_run['run_id']}", "genotype=tim_light", "steps=1", "name=a2")
 
 
+def test_an_init_that_names_nothing_is_one_error_naming_init_before_any_run(workdir):
+    with pytest.raises(UserError, match="init=nowhere/model.pt: no such run or model file; expected random, "
+                                        "multitask, a meta run id, or one of models:/NAME@ALIAS"):
+        _adapt("task=ir_vis", "init=nowhere/model.pt", "steps=1", "name=a-missing")
+    assert not (workdir / "runs" / "mlflow.db").exists()
+
+
 def test_a_registered_meta_init_is_timfusion_meta_init_and_adapt_starts_from_its_models_uri(workdir):
     meta_run = _meta("cluster=none", "meta.steps=1", "meta.meta_batch=1", "meta.algorithm=fomaml", "name=m4",
                      "register=true")

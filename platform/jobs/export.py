@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from timfusion.platform.errors import UserError
 from timfusion.platform.jobs import command
-from timfusion.platform.models import MODEL_FORMS, load_network
+from timfusion.platform.models import NETWORK_FORMS, load_network
 from timfusion.search_spaces.network import FusionNetwork
 from timfusion.tasks.filters import box_mean
 from timfusion.tasks.imageio import atomic_write_bytes, is_url, path_exists
@@ -258,7 +258,7 @@ def export(cfg: DictConfig) -> dict:
     reference = str(cfg.model)
     if reference.startswith("baseline:"):
         raise UserError(f"model={reference}: a baseline is a classic fuser, not a trained network; "
-                        f"export takes {', '.join(f for f in MODEL_FORMS if not f.startswith('baseline'))}")
+                        f"export takes {', '.join(NETWORK_FORMS)}")
     network, genotype, _ = load_network(reference, cfg.tracking.uri)
     network = network.cpu().eval()
     data = export_network(network, fmt, height, width, opset)

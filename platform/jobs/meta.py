@@ -143,7 +143,7 @@ def multitask_config(cfg: DictConfig) -> DictConfig:
 @command("adapt", config="adapt",
          summary="fine-tune from a meta-initialization (or random, multitask) with the trainer")
 def adapt(cfg: DictConfig) -> dict[str, Any]:
-    from timfusion.platform.models import load_network
+    from timfusion.platform.models import NETWORK_FORMS, load_network
     from timfusion.search_spaces.genotype import load_genotype
 
     init = str(cfg.init)
@@ -158,6 +158,9 @@ def adapt(cfg: DictConfig) -> dict[str, Any]:
         reference, tags["init_run_id"] = f"runs:/{init}", init
     else:
         reference = init
+        if not init.startswith(("runs:/", "models:/")) and not Path(init).exists():
+            raise UserError(f"init={init}: no such run or model file; expected random, multitask, a meta "
+                            f"run id, or one of {', '.join(NETWORK_FORMS)}")
         if init.startswith("runs:/"):
             tags["init_run_id"] = init[len("runs:/"):].split("/")[0]
         elif init.startswith("models:/"):  # lineage: the run the registered version came from
