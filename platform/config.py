@@ -3,18 +3,19 @@
 The primary configs (one per command) live in ``platform/conf``; group folders are
 found on a search path: ``tasks/conf`` (``task=``), ``clusters`` (``cluster=``) and the
 other areas' ``conf`` folders as they appear. Composition errors (an unknown group value,
-an unknown key, a malformed override) become one-line ``UserError``s that list the valid
-choices, before any work starts.
+an unknown key, a malformed override, a value of another type than the key's default) become
+one-line ``UserError``s that list the valid choices, before any work starts.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 import timfusion
 from timfusion.platform.errors import UserError
@@ -82,7 +83,66 @@ def compose(config_name: str, overrides: list[str]) -> DictConfig:
         raise UserError(text.splitlines()[0]) from None
     finally:
         GlobalHydra.instance().clear()
+    _check_types(config_name, overrides, cfg)
     return cfg
+
+
+def _expected_type(default: Any, value: Any) -> str | None:
+    """What ``value`` should have been, where ``default`` says and it is not (None passes)."""
+    if value is None or default is None or isinstance(default, DictConfig):
+        return None
+    if isinstance(default, ListConfig):
+        return None if isinstance(value, ListConfig) else "a list, such as [a,b]"
+    if isinstance(default, bool):
+        return None if isinstance(value, bool) else "true or false"
+    if isinstance(default, int):
+        return None if isinstance(value, int) and not isinstance(value, bool) else "an integer"
+    if isinstance(default, float):
+        return None if isinstance(value, (int, float)) and not isinstance(value, bool) else "a number"
+    return None
+
+
+@functools.cache
+def _defaults(config_name: str, groups: tuple[str, ...]) -> DictConfig:
+    return compose(config_name, list(groups))
+
+
+@functools.cache
+def _group_values(key: str) -> tuple[Any, ...]:
+    """``key``'s value in every option of its config group (``cluster.num_workers``: in each
+    cluster's YAML): where they differ in type (4 or ``auto``), each type is accepted."""
+    group, _, rest = key.partition(".")
+    values = []
+    for base in ([PRIMARY_DIR, *SEARCH_DIRS] if rest else []):
+        for path in sorted((base / group).glob("*.yaml")):
+            try:
+                values.append(OmegaConf.select(OmegaConf.load(path), rest, default=None))
+            except Exception:  # an interpolation into the composed config: that one says nothing
+                continue
+    return tuple(values)
+
+
+def _check_types(config_name: str, overrides: list[str], cfg: DictConfig) -> None:
+    """Each ``key=value`` override must keep a type the key has by default (an integer stays an
+    integer, a flag true or false): a wrong one is a UserError here, not a traceback, or a hang,
+    deep in a Ray worker later."""
+    assigned = {}
+    for override in overrides:
+        key, sep, value = override.partition("=")
+        if sep and not key.startswith(("+", "~", "hydra.")) and not group_options(key):
+            assigned[key] = value
+    if not assigned:
+        return
+    defaults = _defaults(config_name, tuple(o for o in overrides if o.partition("=")[0] not in assigned))
+    for key, text in assigned.items():
+        try:
+            default, value = OmegaConf.select(defaults, key), OmegaConf.select(cfg, key)
+        except Exception:  # an interpolation that does not resolve: left to the job's own checks
+            continue
+        expected = _expected_type(default, value)
+        if expected and all(_expected_type(other, value) for other in _group_values(key)):
+            shown = str(default).lower() if isinstance(default, bool) else default
+            raise UserError(f"{key}={text}: expected {expected} (default {shown})")
 
 
 def _valid_keys(config_name: str, parent: str | None) -> list[str]:

@@ -67,6 +67,46 @@ def test_bad_overrides_fail_before_work_with_one_line(cli, tmp_path, override, e
     assert not (tmp_path / "x.png").exists()
 
 
+@pytest.mark.parametrize(
+    "command, override, expected",
+    [
+        ("train", "train.steps=abc", "train.steps=abc: expected an integer (default 600)"),
+        ("train", "train.crop=1.5", "train.crop=1.5: expected an integer"),
+        ("train", "train.lr=fast", "train.lr=fast: expected a number (default 0.002)"),
+        ("adapt", "steps=many", "steps=many: expected an integer (default 200)"),
+        ("meta", "meta.cross_losses=maybe", "cross_losses=maybe: expected true or false (default false)"),
+        ("search", "tune.asha.enabled=1", "tune.asha.enabled=1: expected true or false"),
+        ("meta", "meta.exclude=multi_focus", "meta.exclude=multi_focus: expected a list, such as [a,b]"),
+    ],
+)
+def test_an_override_of_the_wrong_type_is_one_line_before_work(cli, workdir, command, override, expected):
+    code, _, err = cli(command, override)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert expected in err
+    assert not (workdir / "runs").exists()
+
+
+def test_overrides_keep_the_types_their_defaults_allow():
+    # an integer where a float is the default, null, and a value of another option's type
+    # (cluster=local's num_workers is "auto", aws's 4) all pass
+    cfg = compose("train", ["train.lr=1", "train.val_max_pairs=null", "cluster=aws",
+                            "cluster.num_workers=auto"])
+    assert (cfg.train.lr, cfg.train.val_max_pairs, cfg.cluster.num_workers) == (1, None, "auto")
+    assert compose("train", ["task=medical", "task.loss.intensity=2"]).task.loss.intensity == 2
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [("cluster.num_workers=abc", "cluster.num_workers=abc: expected auto or an integer"),
+     ("cluster.use_gpu=maybe", "cluster.use_gpu=maybe: expected auto, true or false")],
+)
+def test_cluster_values_of_a_string_typed_key_are_checked_before_ray(override, expected):
+    from timfusion.platform.jobs.train import resolve_workers
+
+    with pytest.raises(UserError, match=expected):
+        resolve_workers(compose("train", [override]).cluster)
+
+
 def test_missing_required_key_is_named(cli):
     code, _, err = cli("evaluate", "data.root=somewhere")
     assert code == 2 and "fused: required" in err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 
 import pytest
 import torch
@@ -336,11 +337,12 @@ def test_meta_on_two_ray_train_workers_averages_and_checkpoints(ray_cluster, wor
         ("meta.meta_batch=1", "meta.meta_batch=1: fewer tasks than the 2 workers"),
         ("meta.fidelity_warmup_steps=-1", "meta.fidelity_warmup_steps must be >= 0, got -1"),
         ("meta.pretrain_steps=-1", "meta.pretrain_steps must be >= 0, got -1"),
-        ("meta.cross_losses=sometimes", "meta.cross_losses must be true or false, got 'sometimes'"),
+        ("meta.cross_losses=sometimes", "cross_losses=sometimes: expected true or false (default false)"),
+        ("meta.inner_steps=3.5", "meta.inner_steps=3.5: expected an integer (default 3)"),
     ],
 )
 def test_bad_meta_configs_fail_before_any_work(workdir, override, expected):
-    with pytest.raises(UserError, match=expected.replace("(", r"\(").replace("[", r"\[")):
+    with pytest.raises(UserError, match=re.escape(expected)):
         _meta("cluster.num_workers=2", override)
     assert not (workdir / "runs").exists()
 

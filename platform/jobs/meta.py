@@ -46,8 +46,6 @@ def check_meta_settings(settings: DictConfig) -> None:
     for key in ("fidelity_warmup_steps", "pretrain_steps"):
         if int(settings[key]) < 0:
             raise UserError(f"meta.{key} must be >= 0, got {settings[key]}")
-    if not isinstance(settings.cross_losses, bool):
-        raise UserError(f"meta.cross_losses must be true or false, got {settings.cross_losses!r}")
     if not settings.tasks:
         raise UserError("meta.tasks: give at least one task")
 

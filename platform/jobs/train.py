@@ -69,12 +69,16 @@ def resolve_workers(cluster: DictConfig) -> tuple[int, bool]:
     """The number of training workers and whether they use GPUs, from the cluster config."""
     import torch
 
+    if cluster.use_gpu not in ("auto", True, False):
+        raise UserError(f"cluster.use_gpu={cluster.use_gpu}: expected auto, true or false")
     gpus = torch.cuda.device_count()
     use_gpu = gpus > 0 if cluster.use_gpu == "auto" else bool(cluster.use_gpu)
     if cluster.num_workers == "auto":
         workers = gpus if use_gpu and gpus > 0 else 2
+    elif isinstance(cluster.num_workers, int) and not isinstance(cluster.num_workers, bool):
+        workers = cluster.num_workers
     else:
-        workers = int(cluster.num_workers)
+        raise UserError(f"cluster.num_workers={cluster.num_workers}: expected auto or an integer")
     if workers < 1:
         raise UserError(f"cluster.num_workers={cluster.num_workers}: need at least 1")
     return workers, use_gpu
