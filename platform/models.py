@@ -50,7 +50,7 @@ def model_file(reference: str, tracking_uri: str | None = None) -> Path:
     if path.is_dir():
         path = path / "model.pt"
     if not path.exists():
-        raise UserError(f"model={reference}: no such model file; expected one of {', '.join(MODEL_FORMS)}")
+        raise UserError(f"model={reference}: no such model file; expected one of {', '.join(NETWORK_FORMS)}")
     return path
 
 

@@ -114,7 +114,7 @@ def test_torchscript_export_matches_torch(cli, model_file, workdir, one_thread, 
     [
         (("format=tflite",), "format=tflite: unknown; valid choices: onnx, torchscript"),
         (("model=baseline:lp",), "model=baseline:lp: a baseline is a classic fuser, not a trained network"),
-        (("model=missing.pt",), "model=missing.pt: no such model file"),
+        (("model=missing.pt",), "model=missing.pt: no such model file; expected one of models:/NAME@ALIAS"),
         (("height=16",), "height=16: must be an integer >= 32"),
     ],
 )
