@@ -72,7 +72,10 @@ def load_fuser(
     """The fuser ``reference`` names, in eval mode on ``device``."""
     kind, _, name = str(reference).partition(":")
     if kind == "baseline" and name:
-        fuser = BASELINES.get(name)()
+        try:
+            fuser = BASELINES.get(name)()
+        except UserError as err:  # the registry's message, with the key it came from
+            raise UserError(f"model={reference}: {err}") from None
     elif str(reference).startswith(("runs:/", "models:/")) or Path(str(reference)).suffix == ".pt" or Path(
         str(reference)
     ).is_dir():

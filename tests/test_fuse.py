@@ -69,7 +69,7 @@ def test_size_mismatch_needs_resize(cli, pair, tmp_path):
         ("missing", "no such file"),
         ("not_image", "not a readable image"),
         ("unknown_model", "unknown model reference"),
-        ("unknown_baseline", "unknown baseline 'nope'"),
+        ("unknown_baseline", "model=baseline:nope: unknown baseline 'nope'; known: average"),
         ("bad_suffix", "cannot write images with suffix '.xyz'"),
         ("one_source", "give both sources"),
     ],
