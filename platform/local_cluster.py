@@ -25,6 +25,7 @@ from typing import Any
 from timfusion.platform.errors import UserError
 
 STATE_FILE = "cluster.json"
+ALIVE_MARK = "timfusion-alive-ports:"  # marks the GCS probe's answer among Ray's own output
 PORT_KEYS = ("node_manager_port", "object_manager_port", "dashboard_agent_listen_port",
              "dashboard_agent_grpc_port", "runtime_env_agent_port", "metrics_export_port")
 
@@ -199,16 +200,21 @@ def _gcs_alive_ports(state: ClusterState) -> set[int]:
     script = (
         "import json, ray\n"
         f"ray.init(address={state.address!r}, log_to_driver=False, logging_level='ERROR')\n"
-        "print(json.dumps([n['NodeManagerPort'] for n in ray.nodes() if n['Alive']]))\n"
+        f"print({ALIVE_MARK!r}, json.dumps([n['NodeManagerPort'] for n in ray.nodes() if n['Alive']]))\n"
     )
     try:
         done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
                               env=_environment())
     except subprocess.TimeoutExpired:
         return set()
-    if done.returncode != 0:
-        return set()
-    return set(json.loads(done.stdout.strip().splitlines()[-1]))
+    return alive_ports(done.stdout) if done.returncode == 0 else set()
+
+
+def alive_ports(output: str) -> set[int]:
+    """The ports in the GCS probe's output; Ray may print its own warnings to stdout around
+    them (lagging heartbeats after a node is lost), so the answer is found by its mark."""
+    answers = [line[len(ALIVE_MARK):] for line in output.splitlines() if line.startswith(ALIVE_MARK)]
+    return set(json.loads(answers[-1])) if answers else set()
 
 
 def kill_node(state_dir: str | os.PathLike, name: str, sig: int = signal.SIGKILL) -> list[int]:

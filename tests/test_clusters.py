@@ -124,3 +124,12 @@ def test_storage_check_names_a_missing_bucket(s3_endpoint, monkeypatch):
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
     with pytest.raises(UserError, match="bucket 'nowhere' does not exist"):
         check_reachable("s3://nowhere/ray", "cluster.storage_path")
+
+
+def test_the_gcs_probes_answer_is_found_among_rays_own_output():
+    from timfusion.platform.local_cluster import ALIVE_MARK, alive_ports
+
+    noisy = (f"{ALIVE_MARK} [58483, 42001]\n"
+             "\t(2) raylet has lagging heartbeats due to slow network or busy workload.\n")
+    assert alive_ports(noisy) == {58483, 42001}
+    assert alive_ports("Ray failed to connect\n") == set()
