@@ -30,14 +30,14 @@ def _search_path() -> list[str]:
     return [f"file://{path}" for path in SEARCH_DIRS if path.is_dir()]
 
 
+def _option_files(group: str) -> list[Path]:
+    """The YAML file of each option of a config group, over every config folder."""
+    return sorted(path for base in [PRIMARY_DIR, *SEARCH_DIRS] for path in (base / group).glob("*.yaml"))
+
+
 def group_options(group: str) -> list[str]:
     """The values a config group (``task``, ``cluster``, ...) can take."""
-    names: set[str] = set()
-    for base in [PRIMARY_DIR, *SEARCH_DIRS]:
-        folder = base / group
-        if folder.is_dir():
-            names.update(p.stem for p in folder.glob("*.yaml"))
-    return sorted(names)
+    return sorted({path.stem for path in _option_files(group)})
 
 
 def _top_keys(config_name: str) -> list[str]:
@@ -113,12 +113,11 @@ def _group_values(key: str) -> tuple[Any, ...]:
     cluster's YAML): where they differ in type (4 or ``auto``), each type is accepted."""
     group, _, rest = key.partition(".")
     values = []
-    for base in ([PRIMARY_DIR, *SEARCH_DIRS] if rest else []):
-        for path in sorted((base / group).glob("*.yaml")):
-            try:
-                values.append(OmegaConf.select(OmegaConf.load(path), rest, default=None))
-            except Exception:  # an interpolation into the composed config: that one says nothing
-                continue
+    for path in _option_files(group) if rest else []:
+        try:
+            values.append(OmegaConf.select(OmegaConf.load(path), rest, default=None))
+        except Exception:  # an interpolation into the composed config: that one says nothing
+            continue
     return tuple(values)
 
 
