@@ -40,13 +40,6 @@ def group_options(group: str) -> list[str]:
     return sorted({path.stem for path in _option_files(group)})
 
 
-def _top_keys(config_name: str) -> list[str]:
-    try:
-        return sorted(str(k) for k in compose(config_name, []).keys())
-    except UserError:
-        return []
-
-
 def compose(config_name: str, overrides: list[str]) -> DictConfig:
     """Compose the command config ``config_name`` with Hydra ``overrides``."""
     from hydra import compose as hydra_compose
@@ -75,11 +68,8 @@ def compose(config_name: str, overrides: list[str]) -> DictConfig:
         key = (re.search(r"Could not override '([^']+)'", text)
                or re.search(r"Key '([^']+)' is not in struct", text))
         if key:
-            name = key.group(1)
-            parent = name.rsplit(".", 1)[0] if "." in name else None
-            valid = _valid_keys(config_name, parent)
-            where = f" under '{parent}'" if parent else ""
-            raise UserError(f"{name}: unknown key{where}; valid keys: {', '.join(valid)}") from None
+            reason = _refused_key(config_name, key.group(1), overrides)
+            raise UserError(reason or text.splitlines()[0]) from None
         raise UserError(text.splitlines()[0]) from None
     finally:
         GlobalHydra.instance().clear()
@@ -144,12 +134,31 @@ def _check_types(config_name: str, overrides: list[str], cfg: DictConfig) -> Non
             raise UserError(f"{key}={text}: expected {expected} (default {shown})")
 
 
-def _valid_keys(config_name: str, parent: str | None) -> list[str]:
+_MISSING = object()
+
+
+def _refused_key(config_name: str, name: str, overrides: list[str]) -> str | None:
+    """Why Hydra refused an override of ``name``: a key unknown under its nearest existing parent
+    (whose keys are listed), or a config group's name given where this command keeps a mapping of
+    that name (fuse's ``data=synthetic``: its keys are listed). None: neither."""
     base = compose(config_name, [])
-    node: Any = OmegaConf.select(base, parent) if parent else base
+    node = OmegaConf.select(base, name, default=_MISSING)
     if isinstance(node, DictConfig):
-        return sorted(str(k) for k in node.keys())
-    return []
+        value = next((o.partition("=")[2] for o in overrides if o.partition("=")[0] == name), "")
+        keys = ", ".join(f"{name}.{k}" for k in sorted(str(k) for k in node.keys()))
+        return f"{name}={value}: not a config group of this command; set its keys: {keys}"
+    if node is not _MISSING:
+        return None
+    parent = name
+    while "." in parent:
+        parent = parent.rsplit(".", 1)[0]
+        node = OmegaConf.select(base, parent, default=_MISSING)
+        if isinstance(node, DictConfig):
+            valid = ", ".join(sorted(map(str, node.keys())))
+            return f"{name}: unknown key under '{parent}'; valid keys: {valid}"
+        if node is not _MISSING:  # under a value that holds no keys
+            return f"{name}: {parent} is a value, not a mapping of keys"
+    return f"{name}: unknown key; valid keys: {', '.join(sorted(map(str, base.keys())))}"
 
 
 def to_container(cfg: DictConfig) -> dict[str, Any]:

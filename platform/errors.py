@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
+from typing import Any
+
 
 class UserError(Exception):
     """Bad input or configuration: the message names the file or key and what was expected."""
@@ -22,3 +25,27 @@ def cause_line(err: BaseException) -> str:
         err = err.__cause__
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
     return f"{type(err).__name__}: {lines[-1] if lines else 'no message'}"
+
+
+_BOUNDS = {"at_least_one": (">= 1", lambda v: v >= 1), "non_negative": (">= 0", lambda v: v >= 0),
+           "positive": ("> 0", lambda v: v > 0)}
+
+
+def check_bounds(section: str, settings: Mapping[str, Any], *, at_least_one: Iterable[str] = (),
+                 non_negative: Iterable[str] = (), positive: Iterable[str] = (),
+                 optional: Iterable[str] = ()) -> None:
+    """Each named ``section.key`` of ``settings`` within its bound, else a UserError naming it
+    (``optional`` keys may also be null: unset). Jobs call it before any data or Ray work: found
+    in a worker, a bad value costs the restarts and ends as a library's traceback."""
+    nullable = set(optional)
+    for kind, keys in (("at_least_one", at_least_one), ("non_negative", non_negative),
+                       ("positive", positive)):
+        bound, holds = _BOUNDS[kind]
+        for key in keys:
+            value = settings[key]
+            if value is None and key in nullable:
+                continue
+            number = value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+            if number is None or not holds(number):
+                name = f"{section}.{key}" if section else key
+                raise UserError(f"{name} must be {bound}{' or null' if key in nullable else ''}, got {value}")

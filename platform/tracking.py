@@ -11,6 +11,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 from timfusion.platform.config import ROOT, flatten
 from timfusion.platform.errors import UserError
@@ -23,9 +24,23 @@ def default_store() -> Path:
     return Path.cwd() / "runs"
 
 
+# MLflow's own tracking stores (a database URI may name its driver: postgresql+psycopg2://)
+TRACKING_SCHEMES = ("sqlite", "http", "https", "postgresql", "mysql", "mssql", "databricks", "databricks-uc",
+                    "uc")
+
+
 def tracking_uri(configured: str | None) -> str:
-    """The tracking URI: configured, else ``sqlite:///<cwd>/runs/mlflow.db``."""
+    """The tracking URI: configured (checked: one line now, not MLflow's traceback at the first
+    run), else ``sqlite:///<cwd>/runs/mlflow.db``."""
     if configured:
+        shown = redact(str(configured))
+        scheme = urlparse(str(configured)).scheme.split("+")[0]
+        if scheme in ("", "file") and os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() != "true":
+            raise UserError(f"tracking.uri={shown}: MLflow 3 opens a folder store only with "
+                            "MLFLOW_ALLOW_FILE_STORE=true; use sqlite:///PATH (the default) or a server")
+        if scheme not in ("", "file", *TRACKING_SCHEMES):
+            raise UserError(f"tracking.uri={shown}: MLflow has no store for {scheme}://; expected "
+                            "sqlite:///PATH, http(s)://SERVER or a database URI")
         return str(configured)
     store = default_store()
     store.mkdir(parents=True, exist_ok=True)

@@ -378,8 +378,9 @@ def validate(
     network.eval()
     if head is not None:
         head.eval()
-    limit = int(config["train"]["val_max_pairs"])
-    dataset = PairedDataset(records[:limit], labels=head is not None, num_classes=len(task.classes))
+    limit = config["train"]["val_max_pairs"]  # null: every validation pair
+    dataset = PairedDataset(records[: None if limit is None else int(limit)], labels=head is not None,
+                            num_classes=len(task.classes))
     loss_fn = task.build_loss().to(device)
     sums: dict[str, list[float]] = {spec.name: [] for spec in specs}
     sums["loss"] = []

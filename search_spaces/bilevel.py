@@ -27,14 +27,14 @@ from __future__ import annotations
 
 import io
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from timfusion.platform.errors import UserError
+from timfusion.platform.errors import UserError, check_bounds
 from timfusion.search_spaces.genotype import Genotype
 from timfusion.search_spaces.hypergrad import build_hypergrad
 from timfusion.search_spaces.network import FusionNetwork, count_macs
@@ -70,16 +70,10 @@ class SearchSettings:
         if "cost_size" in values:
             values["cost_size"] = tuple(int(s) for s in values["cost_size"])
         settings = cls(**values)
-        for key in ("weight_lr", "alpha_lr"):
-            if not float(getattr(settings, key)) > 0:
-                raise UserError(f"search.{key} must be > 0, got {getattr(settings, key)}")
-        if int(settings.upper_every) < 1:
-            raise UserError(f"search.upper_every must be >= 1, got {settings.upper_every}")
-        if settings.max_macs is not None and not float(settings.max_macs) > 0:
-            raise UserError(f"search.max_macs must be > 0 or null, got {settings.max_macs}")
-        for key in ("cost_weight", "guidance_weight"):
-            if not float(getattr(settings, key)) >= 0:
-                raise UserError(f"search.{key} must be >= 0, got {getattr(settings, key)}")
+        check_bounds("search", asdict(settings), at_least_one=("upper_every",),
+                     positive=("weight_lr", "alpha_lr", "grad_clip", "max_macs"),
+                     non_negative=("cost_weight", "guidance_weight", "warmup_steps", "max_skips"),
+                     optional=("max_macs", "max_skips"))
         return settings
 
 

@@ -282,8 +282,10 @@ def _random_patch(planes: list[np.ndarray], crop: int, rng: np.random.Generator,
     top = int(rng.integers(0, height - crop + 1))
     left = int(rng.integers(0, width - crop + 1))
     planes = [p[top : top + crop, left : left + crop] for p in planes]
+    # copies: a flipped view of a 1-pixel side counts as contiguous with a negative stride,
+    # which np.ascontiguousarray keeps and torch.from_numpy refuses
     if flip and rng.random() < 0.5:
-        planes = [p[:, ::-1] for p in planes]
+        planes = [p[:, ::-1].copy() for p in planes]
     if flip and rng.random() < 0.5:
-        planes = [p[::-1, :] for p in planes]
+        planes = [p[::-1, :].copy() for p in planes]
     return planes

@@ -55,6 +55,10 @@ def test_task_group_lists_every_registered_task():
         ("task=nope", "valid choices: ir_vis, medical"),
         ("bogus=1", "bogus: unknown key; valid keys: a, b, data"),
         ("data.bogus=1", "unknown key under 'data'; valid keys: dataset, filter, root, split"),
+        # a group's name where fuse keeps a mapping of that name, and a key under a missing parent
+        ("data=task", "data=task: not a config group of this command; set its keys: data.dataset"),
+        ("data.source.kind=1", "data.source.kind: unknown key under 'data'; valid keys: dataset, filter"),
+        ("resize.x=1", "resize.x: resize is a value, not a mapping of keys"),
         ("model=", None),
     ],
 )
@@ -84,6 +88,52 @@ def test_an_override_of_the_wrong_type_is_one_line_before_work(cli, workdir, com
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert expected in err
     assert not (workdir / "runs").exists()
+
+
+@pytest.mark.parametrize(
+    "command, overrides, expected",
+    [
+        ("train", ["train.lr=-1"], "train.lr must be > 0, got -1"),
+        ("train", ["train.batch_size=0"], "train.batch_size must be >= 1, got 0"),
+        ("train", ["train.val_every=-1"], "train.val_every must be >= 0, got -1"),
+        ("train", ["train.val_max_pairs=0"], "train.val_max_pairs must be >= 1 or null, got 0"),
+        ("train", ["train.time_budget_s=0"], "train.time_budget_s must be > 0 or null, got 0"),
+        ("train", ["guidance.head_width=0"], "guidance.head_width must be >= 1, got 0"),
+        ("adapt", ["steps=0"], "steps must be >= 1, got 0"),
+        # before init=multitask's meta-training, which would otherwise run first
+        ("adapt", ["init=multitask", "train.grad_clip=0"], "train.grad_clip must be > 0, got 0"),
+        # the retraining's config is checked before the trials, not after them
+        ("search", ['retrain.overrides=["train.weight_decay=-1"]'], "train.weight_decay must be >= 0"),
+        ("search", ["trials=0"], "trials must be >= 1, got 0"),
+        ("search", ["search.warmup_steps=-1"], "search.warmup_steps must be >= 0, got -1"),
+        ("meta", ["meta.outer_lr=0"], "meta.outer_lr must be > 0, got 0"),
+    ],
+)
+def test_a_value_out_of_range_is_one_line_before_work(cli, workdir, command, overrides, expected):
+    code, _, err = cli(command, *overrides)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert expected in err
+    assert not (workdir / "runs").exists() and not (workdir / "outputs").exists()
+
+
+@pytest.mark.parametrize(
+    "uri, expected",
+    [("bogus://store", "tracking.uri=bogus://store: MLflow has no store for bogus://"),
+     ("mlruns", "tracking.uri=mlruns: MLflow 3 opens a folder store only with MLFLOW_ALLOW_FILE_STORE=true")],
+)
+def test_a_tracking_uri_mlflow_cannot_open_is_one_line(cli, workdir, monkeypatch, uri, expected):
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    code, _, err = cli("models", f"tracking.uri={uri}")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and expected in err, err
+    assert list(workdir.iterdir()) == []
+
+
+def test_a_folder_store_passes_where_mlflow_is_told_to_allow_it(monkeypatch, tmp_path):
+    from timfusion.platform.tracking import tracking_uri
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    assert tracking_uri(str(tmp_path)) == str(tmp_path)
+    assert tracking_uri("postgresql+psycopg2://db/mlflow") == "postgresql+psycopg2://db/mlflow"
 
 
 def test_overrides_keep_the_types_their_defaults_allow():

@@ -81,6 +81,13 @@ def test_crop_larger_than_image_pads(synthetic_ir_vis, task):
     assert item["a"].shape == (1, 80, 80) and item["label"].shape == (80, 80)
 
 
+def test_one_pixel_crops_are_tensors_whatever_the_flips(synthetic_ir_vis, task):
+    records = load_records(str(synthetic_ir_vis), task)
+    data = PairedDataset(records, crop=1, seed=0, labels=True)
+    items = [data[index] for index in range(len(records))]  # every flip combination, at these seeds
+    assert all(item["a"].shape == (1, 1, 1) and item["label"].shape == (1, 1) for item in items)
+
+
 def test_unlabelled_pairs_and_padding_are_ignored_by_the_task_loss(synthetic_ir_vis, task):
     import dataclasses
 

@@ -120,7 +120,7 @@ def test_pareto_front_keeps_the_undominated_points():
         (["search_space=nowhere"], "search_space=nowhere: unknown value; valid choices: compact, small, tim"),
         (["search.alpha_lr=0"], "search.alpha_lr must be > 0"),
         (["cluster=none"], "search runs its trials on Ray Tune"),
-        (["trials=0"], "trials, steps and report_every must be >= 1"),
+        (["trials=0"], "trials must be >= 1, got 0"),
         (["register=true", "retrain.enabled=false"], "register=true: registers the retrained genotype"),
     ],
 )

@@ -12,10 +12,11 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from timfusion.platform.config import compose, task_config, to_container
-from timfusion.platform.errors import UserError
+from timfusion.platform.errors import UserError, check_bounds
 from timfusion.platform.jobs import command
 from timfusion.platform.jobs.registry import register_after
 from timfusion.platform.jobs.train import (
+    check_train_settings,
     prepare_run_dir,
     resolve_workers,
     run_workers,
@@ -29,7 +30,6 @@ from timfusion.tasks import build_task
 from timfusion.tasks.datasets import fingerprint
 
 RUN_ID = re.compile(r"[0-9a-f]{32}")
-POSITIVE = ("steps", "meta_batch", "inner_steps", "support", "query", "crop", "log_every", "checkpoint_every")
 
 
 def check_meta_settings(settings: DictConfig) -> None:
@@ -37,15 +37,11 @@ def check_meta_settings(settings: DictConfig) -> None:
     from timfusion.meta.algorithms import META_ALGORITHMS
 
     META_ALGORITHMS.get(str(settings.algorithm))
-    for key in POSITIVE:
-        if int(settings[key]) < 1:
-            raise UserError(f"meta.{key} must be >= 1, got {settings[key]}")
-    for key in ("inner_lr", "outer_lr", "grad_clip"):
-        if not float(settings[key]) > 0:
-            raise UserError(f"meta.{key} must be > 0, got {settings[key]}")
-    for key in ("fidelity_warmup_steps", "pretrain_steps"):
-        if int(settings[key]) < 0:
-            raise UserError(f"meta.{key} must be >= 0, got {settings[key]}")
+    check_bounds("meta", settings,
+                 at_least_one=("steps", "meta_batch", "inner_steps", "support", "query", "crop", "log_every",
+                               "checkpoint_every"),
+                 positive=("inner_lr", "outer_lr", "grad_clip"),
+                 non_negative=("fidelity_warmup_steps", "pretrain_steps"))
     if not settings.tasks:
         raise UserError("meta.tasks: give at least one task")
 
@@ -144,6 +140,8 @@ def adapt(cfg: DictConfig) -> dict[str, Any]:
     from timfusion.platform.models import NETWORK_FORMS, load_network
     from timfusion.search_spaces.genotype import load_genotype
 
+    check_bounds("", cfg, at_least_one=("steps",))  # adapt's own name for train.steps
+    check_train_settings(cfg)  # before init=multitask's meta-training, not after it
     init = str(cfg.init)
     tags = {"job": "adapt", "init": init}
     if init == "random":

@@ -19,11 +19,11 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from timfusion.platform.config import compose, to_container
-from timfusion.platform.errors import UserError
+from timfusion.platform.errors import UserError, check_bounds
 from timfusion.platform.jobs import command
 from timfusion.platform.jobs.common import task_from
 from timfusion.platform.jobs.registry import register_after
-from timfusion.platform.jobs.train import init_ray, train, training_records
+from timfusion.platform.jobs.train import check_train_settings, init_ray, train, training_records
 from timfusion.platform.report import markdown_table
 from timfusion.platform.storage import job_storage, ray_storage
 from timfusion.platform.tracking import Tracker, tracking_uri
@@ -127,6 +127,16 @@ def _trainable(params: dict[str, Any], base: dict[str, Any] | None = None) -> No
     search_trial({**(base or {}), "params": params})
 
 
+def retrain_config(cfg: DictConfig) -> DictConfig:
+    """The ``timfusion train`` config that retrains the chosen genotype: ``retrain.overrides`` on the
+    search's task, data, cluster, paths and tracking, checked as train checks its own."""
+    retrain_cfg = compose("train", [*cfg.retrain.overrides])
+    for key in ("task", "data", "cluster", "paths", "tracking"):
+        OmegaConf.update(retrain_cfg, key, cfg[key], merge=False)
+    check_train_settings(retrain_cfg)
+    return retrain_cfg
+
+
 @command(
     "search", config="search", summary="implicit architecture search on Ray Tune + Optuna, then retraining"
 )
@@ -137,10 +147,10 @@ def search(cfg: DictConfig) -> dict[str, Any]:
     from timfusion.search_spaces.supernet import Supernet
 
     task = task_from(cfg)
-    if int(cfg.trials) < 1 or int(cfg.steps) < 1 or int(cfg.report_every) < 1:
-        raise UserError("trials, steps and report_every must be >= 1")
+    check_bounds("", cfg, at_least_one=("trials", "steps", "report_every"))
     if cfg.register and not cfg.retrain.enabled:
         raise UserError("register=true: registers the retrained genotype's model; set retrain.enabled=true")
+    retrain_cfg = retrain_config(cfg) if cfg.retrain.enabled else None  # bad overrides fail before the trials
     if cfg.cluster.backend != "ray":
         raise UserError(
             f"cluster={cfg.cluster.name}: search runs its trials on Ray Tune; use a Ray cluster config"
@@ -233,10 +243,7 @@ def search(cfg: DictConfig) -> dict[str, Any]:
         "genotype_path": str(genotype_path),
         "front": front,
     }
-    if cfg.retrain.enabled:
-        retrain_cfg = compose("train", [*cfg.retrain.overrides])
-        for key in ("task", "data", "cluster", "paths", "tracking"):
-            OmegaConf.update(retrain_cfg, key, cfg[key], merge=False)
+    if retrain_cfg is not None:
         retrain_cfg.genotype = str(genotype_path)
         retrain_cfg.parent_run_id = tracker.run_id
         retrain_cfg.name = f"{name}-retrain" + (f"-{int(time.time())}" if cfg.resume else "")

@@ -13,7 +13,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from timfusion.platform.config import shared_root, to_container
-from timfusion.platform.errors import JobFailed, UserError, cause_line
+from timfusion.platform.errors import JobFailed, UserError, cause_line, check_bounds
 from timfusion.platform.jobs import command
 from timfusion.platform.jobs.common import task_from
 from timfusion.platform.jobs.registry import register_after
@@ -106,6 +106,18 @@ def init_ray(cluster: DictConfig) -> None:
     ray.init(**kwargs)
 
 
+def check_train_settings(cfg: DictConfig) -> None:
+    """Every ``train.*`` and ``guidance.*`` value within its range, before any data or Ray work."""
+    check_bounds("train", cfg.train,
+                 at_least_one=("steps", "batch_size", "crop", "checkpoint_every", "log_every",
+                               "val_max_pairs"),
+                 non_negative=("weight_decay", "warmup_steps", "fidelity_warmup_steps", "val_every",
+                               "loader_workers"),
+                 positive=("lr", "grad_clip", "time_budget_s"), optional=("time_budget_s", "val_max_pairs"))
+    check_bounds("guidance", cfg.guidance, at_least_one=("head_width",),
+                 non_negative=("weight", "warmup_steps"), positive=("head_lr",))
+
+
 @command("train", config="train", summary="task-guided fusion training on Ray Train, tracked in MLflow")
 def train(cfg: DictConfig) -> dict[str, Any]:
     from timfusion.search_spaces.genotype import load_genotype
@@ -114,10 +126,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     task = task_from(cfg)
     genotype = load_genotype(str(cfg.genotype))
     FusionNetwork(genotype)  # an unbuildable genotype fails here, before any data or Ray work
-    if float(cfg.guidance.weight) < 0:
-        raise UserError(f"guidance.weight={cfg.guidance.weight}: must be >= 0")
-    if int(cfg.train.steps) < 1 or int(cfg.train.checkpoint_every) < 1 or int(cfg.train.log_every) < 1:
-        raise UserError("train.steps, train.checkpoint_every and train.log_every must be >= 1")
+    check_train_settings(cfg)
     init_state = initial_weights(cfg.init_weights, genotype, cfg.tracking.uri) if cfg.init_weights else None
     workers, use_gpu = resolve_workers(cfg.cluster)
     storage = job_storage(cfg)
