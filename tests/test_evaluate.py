@@ -77,6 +77,31 @@ def test_unknown_metric_lists_valid(cli, synthetic_ir_vis, fused_methods, tmp_pa
     assert code == 2 and "unknown tang metric(s) Nope; valid:" in err
 
 
+@pytest.mark.parametrize(
+    "override, message",
+    [("batch=0", "batch must be >= 1, got 0"), ("device=gpu9", "device=gpu9: expected cpu, cuda or cuda:N")],
+)
+def test_bad_settings_are_one_line_before_scoring(cli, synthetic_ir_vis, fused_methods, tmp_path, override,
+                                                  message):
+    code, _, err = cli("evaluate", f"data.root={synthetic_ir_vis}", f"fused={fused_methods}", override,
+                       f"out={tmp_path / 'eval'}")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and message in err, err
+    assert not (tmp_path / "eval").exists()
+
+
+def test_a_metric_that_cannot_score_small_images_names_itself(cli, tmp_path):
+    # VIF's coarsest scale filters a 1/8-size image with a 5x5 kernel: 32x32 images are too small
+    small, fused = tmp_path / "small", tmp_path / "f"
+    assert cli("data", "synth", f"out={small}", "n=2", "size=[32,32]")[0] == 0
+    assert cli("fuse", "model=baseline:average", f"data.root={small}", f"out={fused}")[0] == 0
+    code, _, err = cli("evaluate", f"data.root={small}", f"fused={fused}", "metrics=[EN,VIF]",
+                       f"out={tmp_path / 'eval'}")
+    assert code == 2 and "VIF cannot score 32x32 images" in err.strip().splitlines()[-1], err
+    assert not (tmp_path / "eval").exists()
+    assert cli("evaluate", f"data.root={small}", f"fused={fused}", "metrics=[EN,SSIM]",
+               f"out={tmp_path / 'eval'}")[0] == 0
+
+
 def test_vifb_rank_table_of_three_chosen_methods(cli, tmp_path):
     fused = need_shared("data", "vifb", "fused")
     code, _, err = cli("evaluate", "data.dataset=vifb", f"fused={fused}", "methods=[ADF,CBF,TIF]",

@@ -72,6 +72,8 @@ def test_size_mismatch_needs_resize(cli, pair, tmp_path):
         ("unknown_baseline", "model=baseline:nope: unknown baseline 'nope'; known: average"),
         ("bad_suffix", "cannot write images with suffix '.xyz'"),
         ("one_source", "give both sources"),
+        ("bad_device", "device=gpu9: expected cpu, cuda or cuda:N"),
+        ("absent_device", "device=cuda:64: this machine has"),
     ],
 )
 def test_bad_input_is_one_line_and_writes_nothing(cli, pair, tmp_path, case, message):
@@ -89,6 +91,8 @@ def test_bad_input_is_one_line_and_writes_nothing(cli, pair, tmp_path, case, mes
         extra = ["model=baseline:nope"]
     elif case == "bad_suffix":
         out = tmp_path / "out.xyz"
+    elif case in ("bad_device", "absent_device"):
+        extra = ["device=gpu9" if case == "bad_device" else "device=cuda:64"]
     args = ["fuse", f"a={a}", f"out={out}", *extra] + ([] if case == "one_source" else [f"b={b}"])
     code, _, err = cli(*args)
     assert code == 2

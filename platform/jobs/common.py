@@ -40,3 +40,17 @@ def data_root(cfg: DictConfig, task: FusionTask) -> tuple[str, dict[str, str]]:
 def records_from(cfg: DictConfig, task: FusionTask) -> list[PairRecord]:
     root, filters = data_root(cfg, task)
     return load_records(root, task, split=cfg.data.get("split"), filters=filters)
+
+
+def device_from(cfg: DictConfig) -> str:
+    """``cfg.device``, checked before any work: a device torch knows, present on this machine."""
+    import torch
+
+    text = str(cfg.device)
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise UserError(f"device={text}: expected cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UserError(f"device={text}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return text

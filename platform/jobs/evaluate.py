@@ -12,9 +12,9 @@ import numpy as np
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from timfusion.platform.errors import UserError
+from timfusion.platform.errors import UserError, check_bounds
 from timfusion.platform.jobs import command
-from timfusion.platform.jobs.common import records_from, task_from
+from timfusion.platform.jobs.common import device_from, records_from, task_from
 from timfusion.platform.report import bar_chart_grid, markdown_table, text_table, write_csv, write_json
 from timfusion.tasks.datasets import PairRecord
 from timfusion.tasks.imageio import IMAGE_SUFFIXES, atomic_write_text, read_image
@@ -132,6 +132,8 @@ def rank_tables(summaries: dict[str, dict[str, dict[str, float]]],
 @command("evaluate", config="evaluate", summary="score fused images with the tang or vifb metric definition")
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     task = task_from(cfg)
+    device = device_from(cfg)
+    check_bounds("", cfg, at_least_one=("batch",))
     specs = resolve_metrics(cfg.definition, list(cfg.metrics) if cfg.metrics else None)
     records = records_from(cfg, task)
     methods = discover_methods(str(cfg.fused))
@@ -158,7 +160,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     columns = ["name", *[s.name for s in specs]]
     summaries: dict[str, dict[str, dict[str, float]]] = {}
     for method, present in plans.items():
-        rows = score_method(present, methods[method], specs, int(cfg.batch), str(cfg.device), method)
+        rows = score_method(present, methods[method], specs, int(cfg.batch), device, method)
         summary = summarize(rows, specs)
         summaries[method or "fused"] = summary
         target = out / method if method else out

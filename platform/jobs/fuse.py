@@ -9,7 +9,7 @@ from tqdm import tqdm
 
 from timfusion.platform.errors import UserError
 from timfusion.platform.jobs import command
-from timfusion.platform.jobs.common import records_from, task_from
+from timfusion.platform.jobs.common import device_from, records_from, task_from
 from timfusion.platform.models import load_fuser
 from timfusion.tasks.base import fuse_pair
 from timfusion.tasks.datasets import PairRecord, load_pair
@@ -19,6 +19,7 @@ from timfusion.tasks.imageio import image_format, path_exists, write_image
 @command("fuse", config="fuse", summary="fuse a pair or a dataset with a baseline or trained model")
 def fuse(cfg: DictConfig) -> list[str]:
     task = task_from(cfg)
+    device = device_from(cfg)
     if cfg.out is None:
         raise UserError("out: required (an output file for a=/b=, a folder for data.root=/data.dataset=)")
     pair_mode = cfg.a is not None or cfg.b is not None
@@ -39,11 +40,11 @@ def fuse(cfg: DictConfig) -> list[str]:
         if existing:
             raise UserError(f"{existing[0]}: exists ({len(existing)} output(s) in all); "
                             "pass overwrite=true to replace")
-    fuser = load_fuser(str(cfg.model), task, cfg.device, cfg.tracking.uri)
+    fuser = load_fuser(str(cfg.model), task, device, cfg.tracking.uri)
     written = []
     for record, target in tqdm(jobs, desc=f"fuse {cfg.model}", unit="pair", disable=len(jobs) == 1):
         a, b = load_pair(record, resize=bool(cfg.resize))
-        write_image(target, fuse_pair(fuser, a, b, cfg.device))
+        write_image(target, fuse_pair(fuser, a, b, device))
         written.append(target)
     print(f"fused {len(written)} pair(s) with {cfg.model} -> {cfg.out}")
     return written

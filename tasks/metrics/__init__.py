@@ -71,6 +71,11 @@ def score_batch(
         if spec.colour not in tensors:
             tensors[spec.colour] = tuple(_as_tensor(group, spec.colour, device) for group in (a, b, fused))
         ta, tb, tf = tensors[spec.colour]
-        with torch.no_grad():
-            results[spec.name] = spec.fn(ta, tb, tf).detach().cpu().numpy().astype(np.float64)
+        try:
+            with torch.no_grad():
+                results[spec.name] = spec.fn(ta, tb, tf).detach().cpu().numpy().astype(np.float64)
+        except ValueError as err:  # a kernel larger than the image (VIF's coarsest scale on small images)
+            height, width = shapes.pop()
+            raise UserError(f"{spec.name} cannot score {height}x{width} images: {err}; leave it out "
+                            "(metrics=[...]) or score larger images") from None
     return results
