@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 from helpers import run_cli
 
@@ -134,6 +136,40 @@ def test_a_folder_store_passes_where_mlflow_is_told_to_allow_it(monkeypatch, tmp
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
     assert tracking_uri(str(tmp_path)) == str(tmp_path)
     assert tracking_uri("postgresql+psycopg2://db/mlflow") == "postgresql+psycopg2://db/mlflow"
+
+
+@pytest.mark.parametrize(
+    "command, overrides, expected",
+    [
+        ("train", ["cluster.num_workers=64"], "num_workers=64 x cluster.cpus_per_worker=1: the cluster"),
+        ("meta", ["cluster.num_workers=64"], "num_workers=64 x cluster.cpus_per_worker=1: the cluster"),
+        ("search", ["cluster.trial_cpus=64"], "cluster.trial_cpus=64, cluster.trial_gpus=0: the cluster"),
+        ("train", ["cluster.cpus_per_worker=0"], "cluster.cpus_per_worker must be > 0, got 0"),
+    ],
+)
+def test_workers_a_fixed_size_cluster_can_never_hold_are_refused_before_ray(cli, workdir, command, overrides,
+                                                                            expected):
+    code, _, err = cli(command, *overrides)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and expected in err, err
+    assert not (workdir / "runs").exists()
+
+
+def test_placement_counts_what_each_node_holds(monkeypatch, tmp_path):
+    from timfusion.platform.jobs.train import check_placeable
+    from timfusion.platform.local_cluster import ClusterState, Node
+
+    monkeypatch.delitem(sys.modules, "ray", raising=False)  # not joined yet: what `cluster up` started counts
+    nodes = [Node("head", 0, 0), Node("worker-1", 2, 0), Node("worker-2", 2, 0)]
+    ClusterState("127.0.0.1:1", 1, str(tmp_path), nodes).write(tmp_path)
+    cluster = compose("train", ["cluster=local_multinode", f"cluster.state_dir={tmp_path}"]).cluster
+    check_placeable(cluster, 4, 1.0, 0.0, "four 1-CPU workers")
+    nodes_shown = r"nodes of 0 CPU\(s\), 2 CPU\(s\), 2 CPU\(s\)\)"
+    with pytest.raises(UserError, match=rf"three 2-CPU workers: .*{nodes_shown} holds 2"):
+        check_placeable(cluster, 3, 2.0, 0.0, "three 2-CPU workers")
+    with pytest.raises(UserError, match="holds 0 at once"):  # no node has 3 CPUs
+        check_placeable(cluster, 1, 3.0, 0.0, "one 3-CPU worker")
+    joined = compose("train", ["cluster.address=ray://head:10001"]).cluster  # may autoscale: not checked
+    check_placeable(joined, 1000, 1.0, 1.0, "a thousand GPU workers")
 
 
 def test_overrides_keep_the_types_their_defaults_allow():

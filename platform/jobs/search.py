@@ -23,7 +23,13 @@ from timfusion.platform.errors import UserError, check_bounds
 from timfusion.platform.jobs import command
 from timfusion.platform.jobs.common import task_from
 from timfusion.platform.jobs.registry import register_after
-from timfusion.platform.jobs.train import check_train_settings, init_ray, train, training_records
+from timfusion.platform.jobs.train import (
+    check_placeable,
+    check_train_settings,
+    init_ray,
+    train,
+    training_records,
+)
 from timfusion.platform.report import markdown_table
 from timfusion.platform.storage import job_storage, ray_storage
 from timfusion.platform.tracking import Tracker, tracking_uri
@@ -151,6 +157,11 @@ def search(cfg: DictConfig) -> dict[str, Any]:
     if cfg.register and not cfg.retrain.enabled:
         raise UserError("register=true: registers the retrained genotype's model; set retrain.enabled=true")
     retrain_cfg = retrain_config(cfg) if cfg.retrain.enabled else None  # bad overrides fail before the trials
+    check_bounds("cluster", cfg.cluster, at_least_one=("max_concurrent_trials",),
+                 non_negative=("trial_cpus", "trial_gpus"))
+    cluster = cfg.cluster
+    check_placeable(cluster, 1, float(cluster.trial_cpus), float(cluster.trial_gpus),
+                    f"cluster.trial_cpus={cluster.trial_cpus}, cluster.trial_gpus={cluster.trial_gpus}")
     if cfg.cluster.backend != "ray":
         raise UserError(
             f"cluster={cfg.cluster.name}: search runs its trials on Ray Tune; use a Ray cluster config"

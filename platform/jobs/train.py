@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -81,7 +82,45 @@ def resolve_workers(cluster: DictConfig) -> tuple[int, bool]:
         raise UserError(f"cluster.num_workers={cluster.num_workers}: expected auto or an integer")
     if workers < 1:
         raise UserError(f"cluster.num_workers={cluster.num_workers}: need at least 1")
+    check_bounds("cluster", cluster, positive=("cpus_per_worker",))
+    check_placeable(cluster, workers, float(cluster.cpus_per_worker), 1.0 if use_gpu else 0.0,
+                    f"cluster.num_workers={workers} x cluster.cpus_per_worker={cluster.cpus_per_worker}"
+                    + (" with a GPU each" if use_gpu else ""))
     return workers, use_gpu
+
+
+def node_capacity(cluster: DictConfig) -> list[tuple[float, float]] | None:
+    """(CPUs, GPUs) of each node that can take work, for a cluster of fixed size: the one this
+    process has joined already, else the embedded one (``cluster.num_cpus``, this machine's GPUs)
+    or ``cluster up``'s worker nodes. None for a cluster joined by address, which may autoscale."""
+    import torch
+
+    if cluster.backend != "ray" or cluster.address:
+        return None
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        return [(float(node["Resources"].get("CPU", 0)), float(node["Resources"].get("GPU", 0)))
+                for node in ray.nodes() if node["Alive"]]
+    if "state_dir" in cluster:  # cluster=local_multinode: the nodes `cluster up` started
+        from timfusion.platform.local_cluster import ClusterState
+
+        state = ClusterState.read(str(cluster.state_dir))
+        return [(float(node.cpus), float(node.gpus)) for node in state.nodes] if state else None
+    return [(float(cluster.num_cpus or os.cpu_count() or 1), float(torch.cuda.device_count()))]
+
+
+def check_placeable(cluster: DictConfig, count: int, cpus: float, gpus: float, what: str) -> None:
+    """Refuse ``count`` actors of ``cpus``/``gpus`` each that a fixed-size cluster can never hold
+    at once: Ray would wait for them forever."""
+    nodes = node_capacity(cluster)
+    if nodes is None:
+        return
+    fits = sum(min(int(node_cpus // cpus) if cpus else count, int(node_gpus // gpus) if gpus else count)
+               for node_cpus, node_gpus in nodes)
+    if fits < count:
+        have = ", ".join(f"{c:g} CPU(s)" + (f" and {g:g} GPU(s)" if g else "") for c, g in nodes)
+        raise UserError(f"{what}: the cluster (cluster={cluster.name}: nodes of {have}) holds {fits} at "
+                        "once; Ray would wait for the rest forever")
 
 
 def init_ray(cluster: DictConfig) -> None:
