@@ -73,6 +73,14 @@ def test_bad_overrides_fail_before_work_with_one_line(cli, tmp_path, override, e
     assert not (tmp_path / "x.png").exists()
 
 
+def refused_before_work(cli, workdir, args: list[str], expected: str) -> None:
+    """The command exits 2 with one line that holds ``expected``, and starts no run."""
+    code, _, err = cli(*args)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert expected in err
+    assert not (workdir / "runs").exists()
+
+
 @pytest.mark.parametrize(
     "command, override, expected",
     [
@@ -86,10 +94,7 @@ def test_bad_overrides_fail_before_work_with_one_line(cli, tmp_path, override, e
     ],
 )
 def test_an_override_of_the_wrong_type_is_one_line_before_work(cli, workdir, command, override, expected):
-    code, _, err = cli(command, override)
-    assert code == 2 and len(err.strip().splitlines()) == 1, err
-    assert expected in err
-    assert not (workdir / "runs").exists()
+    refused_before_work(cli, workdir, [command, override], expected)
 
 
 @pytest.mark.parametrize(
@@ -112,10 +117,8 @@ def test_an_override_of_the_wrong_type_is_one_line_before_work(cli, workdir, com
     ],
 )
 def test_a_value_out_of_range_is_one_line_before_work(cli, workdir, command, overrides, expected):
-    code, _, err = cli(command, *overrides)
-    assert code == 2 and len(err.strip().splitlines()) == 1, err
-    assert expected in err
-    assert not (workdir / "runs").exists() and not (workdir / "outputs").exists()
+    refused_before_work(cli, workdir, [command, *overrides], expected)
+    assert not (workdir / "outputs").exists()
 
 
 @pytest.mark.parametrize(
@@ -149,9 +152,7 @@ def test_a_folder_store_passes_where_mlflow_is_told_to_allow_it(monkeypatch, tmp
 )
 def test_workers_a_fixed_size_cluster_can_never_hold_are_refused_before_ray(cli, workdir, command, overrides,
                                                                             expected):
-    code, _, err = cli(command, *overrides)
-    assert code == 2 and len(err.strip().splitlines()) == 1 and expected in err, err
-    assert not (workdir / "runs").exists()
+    refused_before_work(cli, workdir, [command, *overrides], expected)
 
 
 def test_placement_counts_what_each_node_holds(monkeypatch, tmp_path):

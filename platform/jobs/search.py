@@ -159,9 +159,9 @@ def search(cfg: DictConfig) -> dict[str, Any]:
     retrain_cfg = retrain_config(cfg) if cfg.retrain.enabled else None  # bad overrides fail before the trials
     check_bounds("cluster", cfg.cluster, at_least_one=("max_concurrent_trials",),
                  non_negative=("trial_cpus", "trial_gpus"))
-    cluster = cfg.cluster
-    check_placeable(cluster, 1, float(cluster.trial_cpus), float(cluster.trial_gpus),
-                    f"cluster.trial_cpus={cluster.trial_cpus}, cluster.trial_gpus={cluster.trial_gpus}")
+    trial_cpus, trial_gpus = cfg.cluster.trial_cpus, cfg.cluster.trial_gpus
+    check_placeable(cfg.cluster, 1, float(trial_cpus), float(trial_gpus),
+                    f"cluster.trial_cpus={trial_cpus}, cluster.trial_gpus={trial_gpus}")
     if cfg.cluster.backend != "ray":
         raise UserError(
             f"cluster={cfg.cluster.name}: search runs its trials on Ray Tune; use a Ray cluster config"
