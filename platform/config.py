@@ -67,6 +67,9 @@ def compose(config_name: str, overrides: list[str]) -> DictConfig:
         text = str(err)
         key = (re.search(r"Could not override '([^']+)'", text)
                or re.search(r"Key '([^']+)' is not in struct", text))
+        if key and _open_mapping(config_name, key.group(1)):  # data.filter={split: val}: the user's keys
+            opened = [f"++{o}" if o.partition("=")[0] == key.group(1) else o for o in overrides]
+            return compose(config_name, opened)
         if key:
             reason = _refused_key(config_name, key.group(1), overrides)
             raise UserError(reason or text.splitlines()[0]) from None
@@ -137,6 +140,17 @@ def _check_types(config_name: str, overrides: list[str], cfg: DictConfig) -> Non
 _MISSING = object()
 
 
+def _open_mapping(config_name: str, name: str) -> bool:
+    """Whether ``name`` is, or lies under, a mapping that is empty by default (``data.filter``,
+    ``tags``): a free-form mapping whose keys are the user's, which Hydra's struct mode refuses."""
+    base = compose(config_name, [])
+    node, parent = OmegaConf.select(base, name, default=_MISSING), name
+    while node is _MISSING and "." in parent:
+        parent = parent.rsplit(".", 1)[0]
+        node = OmegaConf.select(base, parent, default=_MISSING)
+    return isinstance(node, DictConfig) and len(node) == 0
+
+
 def _refused_key(config_name: str, name: str, overrides: list[str]) -> str | None:
     """Why Hydra refused an override of ``name``: a key unknown under its nearest existing parent
     (whose keys are listed), or a config group's name given where this command keeps a mapping of
@@ -188,10 +202,11 @@ def shared_root(configured: str | None = None) -> Path:
     return ROOT.parent / "shared"
 
 
-def task_config(name: str) -> dict[str, Any]:
-    """A task's shipped config (``task=NAME``) as plain data; an unknown name lists the known ones."""
+def task_config(name: str, key: str = "task") -> dict[str, Any]:
+    """A task's shipped config (``task=NAME``) as plain data; an unknown name lists the known ones
+    under the setting ``key`` it came from."""
     for base in [PRIMARY_DIR, *SEARCH_DIRS]:
         path = base / "task" / f"{name}.yaml"
         if path.exists():
             return OmegaConf.to_container(OmegaConf.load(path), resolve=True)  # type: ignore[return-value]
-    raise UserError(f"task {name!r}: unknown; valid choices: {', '.join(group_options('task'))}")
+    raise UserError(f"{key}: task {name!r} unknown; valid choices: {', '.join(group_options('task'))}")

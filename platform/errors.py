@@ -28,18 +28,20 @@ def cause_line(err: BaseException) -> str:
 
 
 _BOUNDS = {"at_least_one": (">= 1", lambda v: v >= 1), "non_negative": (">= 0", lambda v: v >= 0),
-           "positive": ("> 0", lambda v: v > 0)}
+           "positive": ("> 0", lambda v: v > 0),
+           "seeds": (f"an integer in 0..{2**32 - 1}", lambda v: isinstance(v, int) and 0 <= v < 2**32)}
 
 
 def check_bounds(section: str, settings: Mapping[str, Any], *, at_least_one: Iterable[str] = (),
-                 non_negative: Iterable[str] = (), positive: Iterable[str] = (),
+                 non_negative: Iterable[str] = (), positive: Iterable[str] = (), seeds: Iterable[str] = (),
                  optional: Iterable[str] = ()) -> None:
     """Each named ``section.key`` of ``settings`` within its bound, else a UserError naming it
     (``optional`` keys may also be null: unset). Jobs call it before any data or Ray work: found
-    in a worker, a bad value costs the restarts and ends as a library's traceback."""
+    in a worker, a bad value costs the restarts and ends as a library's traceback. ``seeds``
+    take what numpy, torch and Optuna all accept."""
     nullable = set(optional)
     for kind, keys in (("at_least_one", at_least_one), ("non_negative", non_negative),
-                       ("positive", positive)):
+                       ("positive", positive), ("seeds", seeds)):
         bound, holds = _BOUNDS[kind]
         for key in keys:
             value = settings[key]

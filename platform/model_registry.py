@@ -224,6 +224,12 @@ def _lineage(client, run) -> dict[str, str]:
     return lineage
 
 
+def check_model_name(name: str, key: str = "name") -> None:
+    """A name MLflow's registry and ``models:/`` URIs both take; else a UserError naming ``key``."""
+    if not re.fullmatch(r"[A-Za-z0-9][\w.-]*", name):
+        raise UserError(f"{key}={name}: expected letters, digits, '.', '_' or '-' (e.g. timfusion-ir_vis)")
+
+
 def register_run(run_id: str, name: str, uri: str | None = None, description: str = "") -> dict[str, Any]:
     """Register run ``run_id``'s model (``model/model.pt``) as a new version of ``name``."""
     from mlflow.exceptions import MlflowException
@@ -231,8 +237,7 @@ def register_run(run_id: str, name: str, uri: str | None = None, description: st
     from timfusion.platform.models import load_network
     from timfusion.search_spaces.network import count_macs, count_parameters
 
-    if not re.fullmatch(r"[A-Za-z0-9][\w.-]*", name):
-        raise UserError(f"name={name}: expected letters, digits, '.', '_' or '-' (e.g. timfusion-ir_vis)")
+    check_model_name(name)
     uri = tracking_uri(uri)
     client = mlflow_client(uri)
     run = resolve_run(uri, run_id)
@@ -333,7 +338,7 @@ class Gate:
         gate = cls(**{**data, "size": tuple(int(s) for s in data.get("size", (256, 256)))})
         from timfusion.tasks.metrics import resolve_metrics
 
-        resolve_metrics("tang", list(gate.metrics))  # unknown metric names fail here
+        resolve_metrics("tang", list(gate.metrics), key="gate.metrics")  # unknown metric names fail here
         for metric, tolerance in gate.metrics.items():
             if not float(tolerance) >= 0:
                 raise UserError(f"gate.metrics.{metric}: tolerance must be >= 0, got {tolerance}")
@@ -352,7 +357,8 @@ def gate_records(gate: Gate, task: Any, workdir: Path, shared: str | None) -> li
 
     if gate.dataset == "synthetic":
         spec = gate.synthetic
-        root = synthesized_once(task.synthetic, workdir, spec["n"], spec["seed"], spec["size"], label="gate")
+        root = synthesized_once(task.synthetic, workdir, spec["n"], spec["seed"], spec["size"], label="gate",
+                                prefix="gate.synthetic.")
         records = load_records(str(root), task)
     elif gate.dataset in task.datasets:
         spec = task.datasets[gate.dataset]
@@ -379,14 +385,14 @@ def evaluate_network(network: torch.nn.Module, records: list[Any], gate: Gate) -
     from timfusion.tasks.datasets import load_pair
     from timfusion.tasks.metrics import resolve_metrics, score_batch
 
-    specs = resolve_metrics("tang", list(gate.metrics))
+    specs = resolve_metrics("tang", list(gate.metrics), key="gate.metrics")
     values: dict[str, list[float]] = {spec.name: [] for spec in specs}
     for record in records:
         a, b = load_pair(record)
         fused = fuse_arrays(network, a.astype(np.uint8), b.astype(np.uint8)).astype(np.float64)
         ya, yb, _ = split_colour(a, b)
         fy = rgb_to_ycbcr(fused)[..., 0] if fused.shape[-1] == 3 else fused[..., 0]
-        for key, value in score_batch([ya], [yb], [fy], specs).items():
+        for key, value in score_batch([ya], [yb], [fy], specs, key="gate.metrics").items():
             values[key].append(float(value[0]))
     result = {key: float(np.mean(v)) for key, v in values.items()}
     height, width = gate.size
@@ -501,7 +507,7 @@ def promote(
     if task_name == "meta-init" or not task_name:
         raise UserError(f"gate.task: {name} version {target.version} is a meta-initialization; name the "
                         "task whose data the gate judges it on (gate.task=ir_vis, ...)")
-    task = build_task(named_task_config(task_name))
+    task = build_task(named_task_config(task_name, key="gate.task"))
     records = gate_records(gate, task, workdir, shared)  # a bad dataset fails before any evaluation
     with promotion_lock(uri, name):
         candidate, load_error = None, ""
@@ -594,7 +600,20 @@ def list_models(uri: str | None = None, name: str | None = None) -> list[dict[st
     """One row per registered version: name, version, aliases, task, genotype, MACs, last decision."""
     uri = tracking_uri(uri)
     client = mlflow_client(uri)
-    models = [client.get_registered_model(name)] if name else client.search_registered_models()
+    if name:
+        try:
+            models = [client.get_registered_model(name)]
+        except Exception as err:  # noqa: BLE001 - MlflowException RESOURCE_DOES_NOT_EXIST and kin
+            raise UserError(f"name={name}: no registered model of that name ({err.__class__.__name__}); "
+                            "timfusion models lists them") from None
+    else:
+        models, token = [], None
+        while True:  # every page: MLflow returns 100 models per page
+            page = client.search_registered_models(page_token=token)
+            models.extend(page)
+            token = page.token
+            if not token:
+                break
     rows = []
     for model in models:
         aliases: dict[str, list[str]] = {}

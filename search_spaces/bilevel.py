@@ -74,6 +74,13 @@ class SearchSettings:
                      positive=("weight_lr", "alpha_lr", "grad_clip", "max_macs"),
                      non_negative=("cost_weight", "guidance_weight", "warmup_steps", "max_skips"),
                      optional=("max_macs", "max_skips"))
+        if settings.cost not in CostTable.KINDS:
+            raise UserError(f"search.cost={settings.cost}: unknown; valid choices: "
+                            f"{', '.join(CostTable.KINDS)}")
+        try:
+            build_hypergrad(settings.hypergrad, **settings.hypergrad_options)  # the name and its options
+        except UserError as err:
+            raise UserError(f"search.hypergrad={settings.hypergrad}: {err}") from None
         return settings
 
 

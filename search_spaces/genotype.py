@@ -362,8 +362,9 @@ def GENOTYPES() -> list[str]:  # a function, named like the registries it sits b
     return sorted(p.stem for p in GENOTYPE_DIR.glob("*.json"))
 
 
-def load_genotype(name_or_path: str | os.PathLike | Genotype) -> Genotype:
-    """A named genotype (see :func:`GENOTYPES`) or one read from a JSON file."""
+def load_genotype(name_or_path: str | os.PathLike | Genotype, key: str = "genotype") -> Genotype:
+    """A named genotype (see :func:`GENOTYPES`) or one read from a JSON file; an unknown one is
+    an error naming the setting ``key``."""
     if isinstance(name_or_path, Genotype):
         return name_or_path
     text = str(name_or_path)
@@ -374,7 +375,7 @@ def load_genotype(name_or_path: str | os.PathLike | Genotype) -> Genotype:
         path = Path(text).expanduser()
         if not path.is_file():
             raise UserError(
-                f"genotype={text}: unknown genotype; named genotypes: {', '.join(named)} "
+                f"{key}={text}: unknown genotype; named genotypes: {', '.join(named)} "
                 "(or give the path of a genotype .json file)"
             )
     try:

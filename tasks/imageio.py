@@ -11,6 +11,8 @@ from __future__ import annotations
 import io
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import fsspec
@@ -66,15 +68,29 @@ def pil_to_array(image: Image.Image, keep_rgb_gray: bool = False) -> np.ndarray:
     return data
 
 
-def read_image(path: str | os.PathLike, keep_rgb_gray: bool = False) -> np.ndarray:
-    """Read one image (local path or URL) as float64 on 0..255; errors name the file."""
+@contextmanager
+def _opened(path: str | os.PathLike) -> Iterator[Image.Image]:
+    """The PIL image of a local file or URL, header read; a bad file is a UserError naming it."""
     raw = read_bytes(path)
     try:
         with Image.open(io.BytesIO(raw)) as image:
-            image.load()
-            return pil_to_array(image, keep_rgb_gray=keep_rgb_gray)
+            yield image
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise UserError(f"{path}: not a readable image ({err.__class__.__name__})") from None
+
+
+def read_image(path: str | os.PathLike, keep_rgb_gray: bool = False) -> np.ndarray:
+    """Read one image (local path or URL) as float64 on 0..255; errors name the file."""
+    with _opened(path) as image:
+        image.load()
+        return pil_to_array(image, keep_rgb_gray=keep_rgb_gray)
+
+
+def image_size(path: str | os.PathLike) -> tuple[int, int]:
+    """(height, width) of an image from its header, without decoding it."""
+    with _opened(path) as image:
+        width, height = image.size
+    return height, width
 
 
 def to_uint8(image: np.ndarray) -> np.ndarray:

@@ -46,6 +46,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from scipy import ndimage
@@ -997,6 +998,18 @@ def _old_manifest_paths(manifest: Path) -> set[str]:
             and cells[i]}
 
 
+def _size(size: Any, prefix: str = "") -> tuple[int, int]:
+    """``size`` as (height, width), each at least ``MIN_SIZE``; else a UserError naming the setting."""
+    try:
+        height, width = (int(s) for s in size)
+    except (TypeError, ValueError):
+        raise UserError(f"{prefix}size: expected (height, width), got {size!r}") from None
+    if height < MIN_SIZE or width < MIN_SIZE:
+        raise UserError(f"{prefix}size: expected (height, width) of at least {MIN_SIZE}x{MIN_SIZE}, "
+                        f"got {size!r}")
+    return height, width
+
+
 def synthesize(
     family: str,
     out_dir: str | Path,
@@ -1004,8 +1017,10 @@ def synthesize(
     seed: int = 0,
     size: tuple[int, int] = (256, 256),
     overwrite: bool = False,
+    prefix: str = "",
 ) -> Path:
     """Write ``n`` synthetic pairs of ``family`` under ``out_dir``; return the MANIFEST.tsv path.
+    Errors name ``n``, ``seed`` and ``size`` under ``prefix`` (``data.synthetic.``: the setting).
 
     Layout: ``<role_a>/NAME.png``, ``<role_b>/NAME.png``, ``labels/NAME.png`` (the uint8
     class mask) and ``MANIFEST.tsv`` with columns :data:`MANIFEST_COLUMNS` (paths relative to
@@ -1023,19 +1038,14 @@ def synthesize(
         known = ", ".join(sorted([*FAMILIES.names(), "medical"]))
         raise UserError(f"unknown synthetic generator {family!r}; known: {known}")
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise UserError(f"n: expected a positive number of pairs, got {n!r}")
+        raise UserError(f"{prefix}n: expected a positive number of pairs, got {n!r}")
     if family == "medical":
         tasks = [MEDICAL_VARIANTS[i % len(MEDICAL_VARIANTS)] for i in range(n)]
     else:
         tasks = [family] * n
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise UserError(f"seed: expected a non-negative integer, got {seed!r}")
-    try:
-        height, width = (int(s) for s in size)
-    except (TypeError, ValueError):
-        raise UserError(f"size: expected (height, width), got {size!r}") from None
-    if height < MIN_SIZE or width < MIN_SIZE:
-        raise UserError(f"size: expected (height, width) of at least {MIN_SIZE}x{MIN_SIZE}, got {size!r}")
+        raise UserError(f"{prefix}seed: expected a non-negative integer, got {seed!r}")
+    height, width = _size(size, prefix)
     if is_url(out_dir):
         raise UserError(f"{out_dir}: synthesize writes local directories only")
     root = Path(out_dir)
@@ -1082,22 +1092,24 @@ def synthesize(
 
 
 def synthesized_once(
-    family: str, parent: str | Path, n: int, seed: int, size: tuple[int, int], label: str = "synthetic"
+    family: str, parent: str | Path, n: int, seed: int, size: tuple[int, int], label: str = "synthetic",
+    prefix: str = "",
 ) -> Path:
     """The folder of a seeded synthetic set under ``parent``, generated the first time it is
-    asked for: aside, then renamed into place, so jobs running at once share one complete copy."""
+    asked for: aside, then renamed into place, so jobs running at once share one complete copy.
+    Errors name the settings under ``prefix``, as :func:`synthesize` does."""
     import shutil
     import tempfile
 
     parent = Path(parent)
-    height, width = (int(s) for s in size)
+    height, width = _size(size, prefix)
     root = parent / f"{label}_{family}_{int(n)}_{int(seed)}_{height}x{width}"
     if (root / "MANIFEST.tsv").exists():
         return root
     parent.mkdir(parents=True, exist_ok=True)
     partial = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=parent))
     partial.chmod(plain_mode(directory=True))  # mkdtemp's folder is owner-only
-    synthesize(family, partial, n=int(n), seed=int(seed), size=(height, width), overwrite=True)
+    synthesize(family, partial, n=int(n), seed=int(seed), size=(height, width), overwrite=True, prefix=prefix)
     if root.exists() and not (root / "MANIFEST.tsv").exists():
         shutil.rmtree(root, ignore_errors=True)  # left half-written by an interrupted older run
     try:

@@ -114,11 +114,83 @@ def test_an_override_of_the_wrong_type_is_one_line_before_work(cli, workdir, com
         ("search", ["trials=0"], "trials must be >= 1, got 0"),
         ("search", ["search.warmup_steps=-1"], "search.warmup_steps must be >= 0, got -1"),
         ("meta", ["meta.outer_lr=0"], "meta.outer_lr must be > 0, got 0"),
+        # seeds: numpy, torch and Optuna each refuse their own way, some in a worker that restarts
+        ("train", ["train.seed=-1"], "train.seed must be an integer in 0..4294967295, got -1"),
+        ("meta", ["meta.seed=-1"], "meta.seed must be an integer in 0..4294967295, got -1"),
+        ("search", ["seed=4294967296"], "seed must be an integer in 0..4294967295, got 4294967296"),
+        ("run", ["seed=-1"], "seed must be an integer in 0..4294967295, got -1"),
+        ("train", ["data.val_seed=-1"], "data.val_seed must be an integer in 0..4294967295, got -1"),
+        ("train", ["data.val_fraction=1"], "data.val_fraction must be > 0 and < 1, got 1"),
+        ("train", ["data=synthetic", "data.synthetic.size=[64]"],
+         "data.synthetic.size: expected (height, width)"),
+        ("promote", ["name=timfusion-ir_vis", "version=0"], "version must be >= 1, got 0"),
+        # the registry name of register=true: before the job's work, not after it
+        ("train", ["register=true", "register_name=team/ir"], "register_name=team/ir: expected letters"),
+        ("meta", ["register=true", "register_name=team/ir"], "register_name=team/ir: expected letters"),
+        ("search", ["register=true", "register_name=team/ir"], "register_name=team/ir: expected letters"),
+        ("adapt", ["init=multitask", "register=true", "register_name=team/ir"], "register_name=team/ir"),
+        ("cluster", ["up", "cluster.nodes.workers=0"], "cluster.nodes.workers must be >= 1, got 0"),
+        ("cluster", ["up", "cluster.nodes.object_store_mb=1"],
+         "cluster.nodes.object_store_mb must be >= 75, got 1"),
+        # what Optuna may draw: every choice and both ends, before any trial fails on it in a worker
+        ("search", ["tune.space.cost_weight.low=-1"],
+         "tune.space.cost_weight may draw -1: search.cost_weight must be >= 0, got -1"),
+        ("search", ["tune.space.hypergrad.choices=[implicit,bogus]"],
+         "tune.space.hypergrad may draw bogus: search.hypergrad=bogus: unknown hypergradient method 'bogus'"),
+        ("search", ["search.cost=flops"], "search.cost=flops: unknown; valid choices: params, macs, latency"),
+        ("search", ["+tune.space={loss.gradient: {type: float, low: -1, high: 2}}"],
+         "tune.space.loss.gradient may draw -1: loss term 'gradient': weight must be finite and >= 0"),
+        ("export", ["model=model.pt", "out=fusion.onnx", "tolerance=-1"], "tolerance must be >= 0, got -1"),
     ],
 )
 def test_a_value_out_of_range_is_one_line_before_work(cli, workdir, command, overrides, expected):
     refused_before_work(cli, workdir, [command, *overrides], expected)
     assert not (workdir / "outputs").exists()
+
+
+@pytest.mark.parametrize(
+    "command, overrides, expected",
+    [
+        ("train", ["val_metrics=[EN,BOGUS]"], "val_metrics: unknown tang metric(s) BOGUS"),
+        # VIF's coarsest scale needs 41 px: the run would fail at its first validation
+        ("train", ["data=synthetic", "data.synthetic.size=[40,64]"],
+         "val_metrics: VIF cannot score 40x64 images: image 2x5 (padded) is smaller than the 3x3 kernel"),
+        # search: the retraining's validation, which comes after every trial
+        ("search", ["data=synthetic", "data.synthetic.size=[40,64]"], "val_metrics: VIF cannot score 40x64"),
+        # adapt init=multitask: before the baseline's meta-training
+        ("adapt", ["init=multitask", "data=synthetic", "data.synthetic.size=[40,64]"],
+         "val_metrics: VIF cannot score 40x64"),
+    ],
+)
+def test_validation_that_cannot_be_scored_is_refused_before_training(cli, workdir, command, overrides,
+                                                                     expected):
+    refused_before_work(cli, workdir, [command, *overrides], expected)
+
+
+def test_models_of_an_unknown_name_is_one_line(cli, workdir):
+    code, _, err = cli("models", "name=nosuch")  # MLflow's own lines on creating the store come first
+    assert code == 2 and "name=nosuch: no registered model of that name" in err.strip().splitlines()[-1], err
+
+
+@pytest.mark.parametrize("override", ["data.filter={split: val}", "data.filter.split=val"])
+def test_a_free_form_mapping_takes_the_users_keys(cli, tmp_path, override):
+    """data.filter (and tags) are empty by default: their keys are the user's, which Hydra's
+    struct mode would refuse as unknown."""
+    from timfusion.tasks.datasets import read_manifest
+
+    root = tmp_path / "pairs"
+    assert cli("data", "synth", f"out={root}", "n=10")[0] == 0
+    code, out, err = cli("data", "inspect", f"data.root={root}", override, "check=false")
+    assert code == 0, err
+    val = [r for r in read_manifest(str(root / "MANIFEST.tsv")) if r.fields.get("split") == "val"]
+    assert 0 < len(val) < 10 and f"splits        {{'val': {len(val)}}}" in out
+
+
+def test_a_free_form_mapping_still_refuses_keys_beside_it():
+    cfg = compose("train", ["tags.team=vision", "data.filter={task: mri_pet}"])
+    assert cfg.tags.team == "vision" and dict(cfg.data.filter) == {"task": "mri_pet"}
+    with pytest.raises(UserError, match="data.bogus: unknown key under 'data'"):
+        compose("train", ["data.bogus=1"])
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,7 @@ from helpers import need_shared
 from timfusion.platform.errors import UserError
 from timfusion.tasks import build_task
 from timfusion.tasks.datasets import PairedDataset, fingerprint, load_pair, load_records, read_manifest
-from timfusion.tasks.imageio import atomic_write_text, read_image, write_image
+from timfusion.tasks.imageio import atomic_write_text, image_size, read_image, write_image
 from timfusion.tasks.synthetic import synthesized_once
 
 IR_VIS = {"name": "ir_vis", "loss": {"intensity": 1.0}}
@@ -133,9 +133,13 @@ def test_image_reading_modes(tmp_path):
     Image.fromarray(gray_rgb).save(tmp_path / "grayrgb.png")
     assert read_image(tmp_path / "grayrgb.png").ndim == 2
     assert read_image(tmp_path / "grayrgb.png", keep_rgb_gray=True).ndim == 3
+    Image.fromarray(np.zeros((5, 9), dtype=np.uint8)).save(tmp_path / "wide.png")
+    assert image_size(tmp_path / "wide.png") == (5, 9) and image_size(f"file://{tmp_path}/deep.png") == (8, 8)
     (tmp_path / "text.png").write_text("not an image")
     with pytest.raises(UserError, match="text.png: not a readable image"):
         read_image(tmp_path / "text.png")
+    with pytest.raises(UserError, match="text.png: not a readable image"):
+        image_size(tmp_path / "text.png")
     with pytest.raises(UserError, match="nothing.png: no such file"):
         read_image(tmp_path / "nothing.png")
 

@@ -20,6 +20,7 @@ import torch
 from timfusion.tasks.imageio import read_image
 from timfusion.tasks.metrics import METRICS, matlab
 from timfusion.tasks.metrics import tang as _tang  # noqa: F401  (registers the metrics)
+from timfusion.tasks.metrics import vifb as _vifb  # noqa: F401  (the shorter-side test covers both)
 
 SHARED = Path(os.environ.get("TIMFUSION_SHARED", Path(__file__).resolve().parents[1].parent / "shared"))
 METRICS_DIR = SHARED / "metrics"
@@ -274,3 +275,26 @@ def test_matlab_fspecial_gaussian_and_dct2() -> None:
     # orthonormal: energy preserved, and the DC term is sum / sqrt(M N)
     torch.testing.assert_close((d * d).sum(), (x * x).sum())
     torch.testing.assert_close(d[0, 0, 0], x.sum() / math.sqrt(30))
+
+
+@pytest.mark.parametrize("key", sorted(METRICS.names()))
+def test_the_shorter_side_alone_decides_whether_a_metric_can_score(key: str) -> None:
+    """What ``check_scorable`` relies on: square windows, so a train run's pre-check need only
+    score the validation pair with the shortest side."""
+    from timfusion.platform.errors import UserError
+    from timfusion.tasks.metrics import check_scorable
+
+    spec = METRICS.get(key)
+
+    def scorable(height: int, width: int) -> bool:
+        try:
+            check_scorable([spec], height, width)
+        except UserError as err:
+            assert str(err).startswith(f"{spec.name} cannot score {height}x{width} images")
+            return False
+        return True
+
+    side = next(s for s in range(2, 257) if scorable(s, s))
+    assert scorable(side, 3 * side) and scorable(3 * side, side)
+    if side > 2:
+        assert not scorable(side - 1, 3 * side) and not scorable(3 * side, side - 1)

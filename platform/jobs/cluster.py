@@ -9,9 +9,10 @@ from typing import Any
 from omegaconf import DictConfig
 
 from timfusion.platform import local_cluster
-from timfusion.platform.errors import UserError
+from timfusion.platform.errors import UserError, check_bounds
 from timfusion.platform.jobs import command
 
+MIN_OBJECT_STORE_MB = 75  # Ray refuses an object store under 78,643,200 bytes
 REMOTE_START = {
     "aws": "ray up clusters/aws/cluster.yaml",
     "kuberay": "kubectl apply -f clusters/kuberay/raycluster.yaml",
@@ -31,6 +32,11 @@ def _state_dir(cfg: DictConfig) -> str:
 def cluster_up(cfg: DictConfig) -> dict[str, Any]:
     state_dir = _state_dir(cfg)
     nodes = cfg.cluster.nodes
+    check_bounds("cluster.nodes", nodes, at_least_one=("workers", "cpus_per_node"),
+                 non_negative=("gpus_per_node", "head_cpus"))
+    if not nodes.object_store_mb >= MIN_OBJECT_STORE_MB:  # ray start's own minimum, said before it starts
+        raise UserError(f"cluster.nodes.object_store_mb must be >= {MIN_OBJECT_STORE_MB}, "
+                        f"got {nodes.object_store_mb}")
     state = local_cluster.up(state_dir, workers=int(nodes.workers), cpus_per_worker=int(nodes.cpus_per_node),
                              gpus_per_worker=int(nodes.gpus_per_node), head_cpus=int(nodes.head_cpus),
                              object_store_mb=int(nodes.object_store_mb))

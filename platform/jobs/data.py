@@ -19,9 +19,8 @@ from timfusion.tasks.synthetic import synthesize
 @command("data synth", config="data_synth", summary="write synthetic paired data of a task family")
 def synth(cfg: DictConfig) -> Path:
     task = task_from(cfg)
-    height, width = (int(v) for v in cfg.size)
-    manifest = synthesize(task.synthetic, cfg.out, n=int(cfg.n), seed=int(cfg.seed), size=(height, width),
-                          overwrite=bool(cfg.overwrite))
+    manifest = synthesize(task.synthetic, cfg.out, n=int(cfg.n), seed=int(cfg.seed), size=tuple(cfg.size),
+                          overwrite=bool(cfg.overwrite))  # synthesize checks the size's form and bounds
     print(f"wrote {cfg.n} synthetic {task.synthetic} pair(s): {manifest}")
     return manifest
 

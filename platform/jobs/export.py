@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
-from timfusion.platform.errors import UserError
+from timfusion.platform.errors import UserError, check_bounds
 from timfusion.platform.jobs import command
 from timfusion.platform.models import NETWORK_FORMS, load_network
 from timfusion.search_spaces.network import FusionNetwork
@@ -248,6 +248,7 @@ def export(cfg: DictConfig) -> dict:
     if fmt not in FORMATS:
         raise UserError(f"format={cfg.format}: unknown; valid choices: {', '.join(FORMATS)}")
     height, width = _side("height", cfg.height), _side("width", cfg.width)
+    check_bounds("", cfg, at_least_one=("opset",), non_negative=("tolerance",))
     opset = int(cfg.opset)
     tolerance = float(cfg.tolerance)
     out = str(cfg.out)

@@ -14,9 +14,11 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from timfusion.platform.config import compose, task_config, to_container
 from timfusion.platform.errors import UserError, check_bounds
 from timfusion.platform.jobs import command
-from timfusion.platform.jobs.registry import register_after
+from timfusion.platform.jobs.common import task_from
+from timfusion.platform.jobs.registry import check_register, register_after
 from timfusion.platform.jobs.train import (
     check_train_settings,
+    check_val_images,
     prepare_run_dir,
     resolve_workers,
     run_workers,
@@ -41,7 +43,7 @@ def check_meta_settings(settings: DictConfig) -> None:
                  at_least_one=("steps", "meta_batch", "inner_steps", "support", "query", "crop", "log_every",
                                "checkpoint_every"),
                  positive=("inner_lr", "outer_lr", "grad_clip"),
-                 non_negative=("fidelity_warmup_steps", "pretrain_steps"))
+                 non_negative=("fidelity_warmup_steps", "pretrain_steps"), seeds=("seed",))
     if not settings.tasks:
         raise UserError("meta.tasks: give at least one task")
 
@@ -55,9 +57,10 @@ def meta(cfg: DictConfig) -> dict[str, Any]:
 
     settings = cfg.meta
     check_meta_settings(settings)
-    genotype = load_genotype(str(settings.genotype))
+    check_register(cfg)
+    genotype = load_genotype(str(settings.genotype), key="meta.genotype")
     FusionNetwork(genotype)
-    tasks = included_tasks([build_task(task_config(str(name))) for name in settings.tasks],
+    tasks = included_tasks([build_task(task_config(str(name), key="meta.tasks")) for name in settings.tasks],
                            [str(name) for name in settings.exclude])
     workers, use_gpu = resolve_workers(cfg.cluster)
     if cfg.cluster.backend == "local":
@@ -142,12 +145,15 @@ def adapt(cfg: DictConfig) -> dict[str, Any]:
 
     check_bounds("", cfg, at_least_one=("steps",))  # adapt's own name for train.steps
     check_train_settings(cfg)  # before init=multitask's meta-training, not after it
+    check_register(cfg)
     init = str(cfg.init)
     tags = {"job": "adapt", "init": init}
     if init == "random":
         reference = None
     elif init == "multitask":
         check_meta_settings(cfg.meta)
+        _, val_records = training_records(cfg, task_from(cfg), Path(str(cfg.workdir)).resolve())
+        check_val_images(cfg, val_records)  # the adaptation's validation, before the baseline's meta-training
         baseline = meta(multitask_config(cfg))
         reference, tags["init_run_id"] = f"runs:/{baseline['run_id']}", baseline["run_id"]
     elif RUN_ID.fullmatch(init):

@@ -9,6 +9,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from timfusion.platform.config import to_container
+from timfusion.platform.errors import check_bounds
 from timfusion.platform.jobs import command
 from timfusion.platform.report import text_table
 
@@ -23,6 +24,14 @@ def register(cfg: DictConfig) -> dict[str, Any]:
     run = resolve_run(uri, str(cfg.run))
     task = None if run.data.tags.get("job") == "meta" else run.data.tags.get("task")
     return register_run(str(cfg.run), str(cfg.name or default_name(task)), uri, str(cfg.description))
+
+
+def check_register(cfg: DictConfig) -> None:
+    """``register=true``'s ``register_name``, checked before the job's work rather than after it."""
+    if cfg.get("register") and cfg.get("register_name"):
+        from timfusion.platform.model_registry import check_model_name
+
+        check_model_name(str(cfg.register_name), key="register_name")
 
 
 def register_after(cfg: DictConfig, result: dict[str, Any], run_id: str,
@@ -43,6 +52,7 @@ def promote(cfg: DictConfig) -> dict[str, Any]:
     from timfusion.platform.model_registry import Gate
     from timfusion.platform.model_registry import promote as promote_version
 
+    check_bounds("", cfg, at_least_one=("version",))
     gate = Gate.from_config(to_container(cfg.gate))
     return promote_version(
         str(cfg.name), int(cfg.version), str(cfg.alias), gate, cfg.tracking.uri,

@@ -9,6 +9,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from timfusion.platform.config import compose
+from timfusion.platform.errors import check_bounds
 from timfusion.platform.jobs import command
 from timfusion.platform.jobs.data import synth
 from timfusion.platform.jobs.evaluate import evaluate
@@ -120,6 +121,7 @@ def _register_and_promote(cfg: DictConfig, run_id: str, workdir: Path, tracking:
 @command("run", config="run",
          summary="the main job: synthetic data -> baselines + trained network -> ranking")
 def run(cfg: DictConfig) -> dict[str, Any]:
+    check_bounds("", cfg, seeds=("seed",))  # before the first stage, not in a later one's seed + 2
     workdir = Path(str(cfg.workdir)).resolve()
     data_dir, fused_dir, eval_dir = workdir / "data", workdir / "fused", workdir / "evaluate"
     task = f"task={OmegaConf.select(cfg, 'task.name')}"

@@ -22,10 +22,11 @@ from timfusion.platform.config import compose, to_container
 from timfusion.platform.errors import UserError, check_bounds
 from timfusion.platform.jobs import command
 from timfusion.platform.jobs.common import task_from
-from timfusion.platform.jobs.registry import register_after
+from timfusion.platform.jobs.registry import check_register, register_after
 from timfusion.platform.jobs.train import (
     check_placeable,
     check_train_settings,
+    check_val_images,
     init_ray,
     train,
     training_records,
@@ -86,6 +87,28 @@ def param_space(cfg: DictConfig, task_loss: dict[str, Any]) -> dict[str, Any]:
     if not domains:
         raise UserError("tune.space: give at least one parameter to sample")
     return domains
+
+
+def check_draws(cfg: DictConfig, base_check: dict[str, Any]) -> None:
+    """Every choice, and both ends of every range, that Optuna may draw from ``tune.space`` builds
+    a trial's space, settings and loss: checked before Ray starts, not in a failing trial."""
+    from timfusion.platform.searching import trial_settings, trial_space, trial_task_config
+    from timfusion.search_spaces.bilevel import SearchSettings
+    from timfusion.search_spaces.supernet import Supernet
+    from timfusion.tasks import build_task
+
+    for key, spec in to_container(cfg.tune.space).items():
+        for value in spec.get("choices") or [spec["low"], spec["high"]]:
+            drawn = {**base_check, "params": {key: value}}
+            try:
+                if key in SPACE_EXTRA:
+                    Supernet(trial_space(drawn))
+                elif key in SearchSettings.__dataclass_fields__:
+                    trial_settings(drawn)
+                else:  # loss.<term>
+                    build_task(trial_task_config({**drawn, "task": to_container(cfg.task)})).build_loss()
+            except UserError as err:
+                raise UserError(f"tune.space.{key} may draw {value}: {err}") from None
 
 
 def pareto_front(
@@ -153,7 +176,8 @@ def search(cfg: DictConfig) -> dict[str, Any]:
     from timfusion.search_spaces.supernet import Supernet
 
     task = task_from(cfg)
-    check_bounds("", cfg, at_least_one=("trials", "steps", "report_every"))
+    check_bounds("", cfg, at_least_one=("trials", "steps", "report_every"), seeds=("seed",))
+    check_register(cfg)
     if cfg.register and not cfg.retrain.enabled:
         raise UserError("register=true: registers the retrained genotype's model; set retrain.enabled=true")
     retrain_cfg = retrain_config(cfg) if cfg.retrain.enabled else None  # bad overrides fail before the trials
@@ -174,6 +198,7 @@ def search(cfg: DictConfig) -> dict[str, Any]:
     }
     Supernet(trial_space(base_check))  # an unknown space, op or bad template fails before Ray starts
     trial_settings(base_check)
+    check_draws(cfg, base_check)
     storage = job_storage(cfg)
     name = cfg.name or f"{task.name}-search-{time.strftime('%Y%m%d-%H%M%S')}"
     workdir = Path(str(cfg.workdir)).resolve()
@@ -186,6 +211,8 @@ def search(cfg: DictConfig) -> dict[str, Any]:
             f"name={name}: a search of that name exists under {workdir}; pass resume=true or another name"
         )
     train_records, val_records = training_records(cfg, task, workdir)
+    if retrain_cfg is not None:  # the retraining validates on these pairs after the whole search
+        check_val_images(retrain_cfg, val_records)
     resolved = to_container(cfg)
     uri = tracking_uri(cfg.tracking.uri)
     if info is not None:

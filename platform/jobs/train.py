@@ -17,7 +17,7 @@ from timfusion.platform.config import shared_root, to_container
 from timfusion.platform.errors import JobFailed, UserError, cause_line, check_bounds
 from timfusion.platform.jobs import command
 from timfusion.platform.jobs.common import task_from
-from timfusion.platform.jobs.registry import register_after
+from timfusion.platform.jobs.registry import check_register, register_after
 from timfusion.platform.storage import job_storage, ray_storage, redact
 from timfusion.platform.tracking import Tracker, tracking_uri
 from timfusion.platform.training import read_run_info, train_worker, write_run_info
@@ -29,11 +29,14 @@ def training_records(cfg: DictConfig, task: FusionTask,
                      workdir: Path) -> tuple[list[PairRecord], list[PairRecord]]:
     """The seeded train/validation split of the configured data (names prefixed by dataset)."""
     data = cfg.data
+    check_bounds("data", data, seeds=("val_seed",))
+    if not 0 < data.val_fraction < 1:  # a share: 0 or 1 would leave one side a single pair
+        raise UserError(f"data.val_fraction must be > 0 and < 1, got {data.val_fraction}")
     if data.source == "synthetic":
         from timfusion.tasks.synthetic import synthesized_once
 
         root = synthesized_once(task.synthetic, workdir, data.synthetic.n, data.synthetic.seed,
-                                data.synthetic.size)
+                                data.synthetic.size, prefix="data.synthetic.")
         pools = {"synthetic": load_records(str(root), task)}
     elif data.source == "root":
         pools = {"data": load_records(str(data.root), task, filters=dict(data.filter))}
@@ -152,9 +155,32 @@ def check_train_settings(cfg: DictConfig) -> None:
                                "val_max_pairs"),
                  non_negative=("weight_decay", "warmup_steps", "fidelity_warmup_steps", "val_every",
                                "loader_workers"),
-                 positive=("lr", "grad_clip", "time_budget_s"), optional=("time_budget_s", "val_max_pairs"))
+                 positive=("lr", "grad_clip", "time_budget_s"), seeds=("seed",),
+                 optional=("time_budget_s", "val_max_pairs"))
     check_bounds("guidance", cfg.guidance, at_least_one=("head_width",),
                  non_negative=("weight", "warmup_steps"), positive=("head_lr",))
+    from timfusion.tasks.metrics import resolve_metrics
+
+    resolve_metrics("tang", list(cfg.val_metrics), key="val_metrics")
+
+
+def check_val_images(cfg: DictConfig, val_records: list[PairRecord]) -> None:
+    """Every ``val_metrics`` metric can score the validation pairs training will score, checked
+    before training: otherwise the run fails at its first validation (VIF needs 41 px)."""
+    from timfusion.tasks.imageio import image_size
+    from timfusion.tasks.metrics import check_scorable, resolve_metrics
+
+    limit = cfg.train.val_max_pairs
+    scored = val_records[: None if limit is None else int(limit)]
+    if not scored:
+        return
+    sizes = {record.name: image_size(record.a) for record in scored}
+    smallest = min(sizes, key=lambda name: min(sizes[name]))
+    try:
+        check_scorable(resolve_metrics("tang", list(cfg.val_metrics), key="val_metrics"), *sizes[smallest],
+                       key="val_metrics")
+    except UserError as err:
+        raise UserError(f"val_metrics: {err} (validation pair {smallest})") from None
 
 
 @command("train", config="train", summary="task-guided fusion training on Ray Train, tracked in MLflow")
@@ -166,6 +192,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     genotype = load_genotype(str(cfg.genotype))
     FusionNetwork(genotype)  # an unbuildable genotype fails here, before any data or Ray work
     check_train_settings(cfg)
+    check_register(cfg)
     init_state = initial_weights(cfg.init_weights, genotype, cfg.tracking.uri) if cfg.init_weights else None
     workers, use_gpu = resolve_workers(cfg.cluster)
     storage = job_storage(cfg)
@@ -173,6 +200,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     run_dir, info = prepare_run_dir(cfg, name, storage)
     workdir = Path(str(cfg.workdir)).resolve()
     train_records, val_records = training_records(cfg, task, workdir)
+    check_val_images(cfg, val_records)
     resolved = to_container(cfg)
     uri = tracking_uri(cfg.tracking.uri)
     if info is not None:

@@ -31,8 +31,11 @@ def definitions() -> list[str]:
     return sorted({spec.definition for _, spec in METRICS.items()})
 
 
-def resolve_metrics(definition: str, names: list[str] | None = None) -> list[MetricSpec]:
-    """The metric specs to compute: ``names`` (in that order) or the definition's default set."""
+def resolve_metrics(
+    definition: str, names: list[str] | None = None, key: str = "metrics"
+) -> list[MetricSpec]:
+    """The metric specs to compute: ``names`` (in that order) or the definition's default set;
+    errors name the setting ``key`` the names came from."""
     if definition not in definitions():
         raise UserError(f"definition={definition}: unknown; valid choices: {', '.join(definitions())}")
     known = [key.split(".", 1)[1] for key in METRICS.names() if key.startswith(definition + ".")]
@@ -40,7 +43,7 @@ def resolve_metrics(definition: str, names: list[str] | None = None) -> list[Met
     unknown = [n for n in wanted if n not in known]
     if unknown:
         raise UserError(
-            f"metrics: unknown {definition} metric(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}"
+            f"{key}: unknown {definition} metric(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}"
         )
     return [METRICS.get(f"{definition}.{n}") for n in wanted]
 
@@ -60,8 +63,10 @@ def score_batch(
     fused: list[np.ndarray],
     specs: list[MetricSpec],
     device: torch.device | str = "cpu",
+    key: str = "metrics",
 ) -> dict[str, np.ndarray]:
-    """Metric values for same-size images on 0..255 as read from disk: name -> (N,) array."""
+    """Metric values for same-size images on 0..255 as read from disk: name -> (N,) array;
+    errors name the setting ``key`` the specs came from."""
     shapes = {img.shape[:2] for img in (*a, *b, *fused)}
     if len(shapes) != 1:
         raise UserError(f"score_batch needs images of one size, got {sorted(shapes)}")
@@ -77,5 +82,13 @@ def score_batch(
         except ValueError as err:  # a kernel larger than the image (VIF's coarsest scale on small images)
             height, width = shapes.pop()
             raise UserError(f"{spec.name} cannot score {height}x{width} images: {err}; leave it out "
-                            "(metrics=[...]) or score larger images") from None
+                            f"({key}=[...]) or score larger images") from None
     return results
+
+
+def check_scorable(specs: list[MetricSpec], height: int, width: int, key: str = "metrics") -> None:
+    """Raise, before any work, the UserError :func:`score_batch` would raise on height x width
+    images (VIF's coarsest scale needs 41 px). Every metric's windows are square, so of a
+    set of images, the one with the shortest side fails first."""
+    noise = np.random.default_rng(0).uniform(0, 255, (3, height, width))
+    score_batch([noise[0]], [noise[1]], [noise[2]], specs, key=key)

@@ -553,6 +553,8 @@ _FMI_BLOCK = 4096  # windows per block in the vectorised fast-FMI (~10 MB per te
 
 def _column_major_windows(x: Tensor, w: int) -> Tensor:
     """(N, H, W) -> (N, L, w*w): every w x w window flattened column-major (MATLAB ``X(:)``)."""
+    if min(x.shape[-2:]) < w:
+        raise ValueError(f"image {x.shape[-2]}x{x.shape[-1]} is smaller than the {w}x{w} window")
     xt = x.transpose(-2, -1).unsqueeze(1).contiguous()
     return F.unfold(xt, w).transpose(1, 2)
 
