@@ -126,6 +126,23 @@ def test_storage_check_names_a_missing_bucket(s3_endpoint, monkeypatch):
         check_reachable("s3://nowhere/ray", "cluster.storage_path")
 
 
+@pytest.mark.parametrize(
+    "args, key",
+    [
+        (["fuse", "a=s3://nowhere/a.png", "b=s3://nowhere/b.png", "out=fused.png"], "a=s3://nowhere/a.png"),
+        (["fuse", "data.root=s3://nowhere/pairs", "out=fused"], "data.root=s3://nowhere/pairs"),
+        (["evaluate", "data.root=s3://nowhere/pairs", "fused=fused"], "data.root=s3://nowhere/pairs"),
+        (["export", "model=s3://nowhere/model.pt", "out=fusion.onnx"], "model=s3://nowhere/model.pt"),
+        (["data", "inspect", "data.root=s3://nowhere/pairs"], "data.root=s3://nowhere/pairs"),
+    ],
+)
+def test_file_commands_name_the_key_of_an_s3_place_that_does_not_answer(cli, workdir, s3_endpoint,
+                                                                         monkeypatch, args, key):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
+    code, _, err = cli(*args)
+    assert code == 2 and f"{key}: bucket 'nowhere' does not exist" in err.strip().splitlines()[-1], err
+
+
 def test_the_gcs_probes_answer_is_found_among_rays_own_output():
     from timfusion.platform.local_cluster import ALIVE_MARK, alive_ports
 

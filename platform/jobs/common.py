@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from timfusion.platform.config import shared_root, to_container
 from timfusion.platform.errors import UserError
+from timfusion.platform.storage import check_reachable
 from timfusion.tasks import FusionTask, build_task
 from timfusion.tasks.datasets import PairRecord, load_records
+
+
+def check_places(cfg: DictConfig, *keys: str) -> None:
+    """Each of ``keys`` that holds an S3 URL answers (endpoint, bucket, credentials), before any
+    work: a read or write there would otherwise end in botocore's traceback."""
+    for key in keys:
+        value = OmegaConf.select(cfg, key)
+        if value:
+            check_reachable(str(value), key)
 
 
 def task_from(cfg: DictConfig) -> FusionTask:

@@ -10,7 +10,7 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from timfusion.platform.jobs import command
-from timfusion.platform.jobs.common import data_root, records_from, task_from
+from timfusion.platform.jobs.common import check_places, data_root, records_from, task_from
 from timfusion.platform.report import text_table
 from timfusion.tasks.datasets import fingerprint, load_pair
 from timfusion.tasks.synthetic import synthesize
@@ -28,6 +28,7 @@ def synth(cfg: DictConfig) -> Path:
 @command("data inspect", config="data_inspect", summary="list and check a dataset's pairs")
 def inspect(cfg: DictConfig) -> dict[str, Any]:
     task = task_from(cfg)
+    check_places(cfg, "data.root")
     root, _ = data_root(cfg, task)
     records = records_from(cfg, task)
     sizes: Counter[str] = Counter()

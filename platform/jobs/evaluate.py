@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from timfusion.platform.errors import UserError, check_bounds
 from timfusion.platform.jobs import command
-from timfusion.platform.jobs.common import device_from, records_from, task_from
+from timfusion.platform.jobs.common import check_places, device_from, records_from, task_from
 from timfusion.platform.report import bar_chart_grid, markdown_table, text_table, write_csv, write_json
 from timfusion.tasks.datasets import PairRecord
 from timfusion.tasks.imageio import IMAGE_SUFFIXES, atomic_write_text, read_image
@@ -134,6 +134,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     task = task_from(cfg)
     device = device_from(cfg)
     check_bounds("", cfg, at_least_one=("batch",))
+    check_places(cfg, "data.root", "fused")
     specs = resolve_metrics(cfg.definition, list(cfg.metrics) if cfg.metrics else None)
     records = records_from(cfg, task)
     methods = discover_methods(str(cfg.fused))

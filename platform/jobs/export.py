@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from timfusion.platform.errors import UserError, check_bounds
 from timfusion.platform.jobs import command
+from timfusion.platform.jobs.common import check_places
 from timfusion.platform.models import NETWORK_FORMS, load_network
 from timfusion.search_spaces.network import FusionNetwork
 from timfusion.tasks.filters import box_mean
@@ -251,6 +252,7 @@ def export(cfg: DictConfig) -> dict:
     check_bounds("", cfg, at_least_one=("opset",), non_negative=("tolerance",))
     opset = int(cfg.opset)
     tolerance = float(cfg.tolerance)
+    check_places(cfg, "model", "out")
     out = str(cfg.out)
     if not is_url(out) and Path(out).is_dir():
         raise UserError(f"out={out}: is a folder; give a file path (e.g. {Path(out) / 'fusion.onnx'})")

@@ -9,7 +9,7 @@ from tqdm import tqdm
 
 from timfusion.platform.errors import UserError
 from timfusion.platform.jobs import command
-from timfusion.platform.jobs.common import device_from, records_from, task_from
+from timfusion.platform.jobs.common import check_places, device_from, records_from, task_from
 from timfusion.platform.models import load_fuser
 from timfusion.tasks.base import fuse_pair
 from timfusion.tasks.datasets import PairRecord, load_pair
@@ -22,6 +22,7 @@ def fuse(cfg: DictConfig) -> list[str]:
     device = device_from(cfg)
     if cfg.out is None:
         raise UserError("out: required (an output file for a=/b=, a folder for data.root=/data.dataset=)")
+    check_places(cfg, "a", "b", "data.root", "out")
     pair_mode = cfg.a is not None or cfg.b is not None
     if pair_mode:
         if cfg.a is None or cfg.b is None:
