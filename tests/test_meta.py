@@ -374,3 +374,6 @@ def test_a_resumed_meta_run_continues_from_its_checkpoint(workdir):
     assert steps == [1, 2, 3, 4]  # steps 1-2 from the first run, 3-4 after the resume: none repeated
     with pytest.raises(UserError, match="resume=true: no run 'm5'"):
         _meta("cluster=none", "meta.steps=1", "meta.meta_batch=1", "name=m5", "resume=true")
+    with pytest.raises(UserError, match="name=m4: meta.algorithm is metasgd where the run has reptile"):
+        _meta("cluster=none", "meta.steps=6", "meta.meta_batch=1", "meta.algorithm=metasgd", "name=m4",
+              "resume=true")  # MetaSGD's checkpoint holds learned rates Reptile's has not

@@ -78,6 +78,9 @@ def test_resume_continues_the_step_counter(ray_cluster, workdir):
                       "guidance.weight=0")
     with pytest.raises(UserError, match="pass resume=true"):
         run_train("cluster.num_workers=1", "train.steps=8", "name=resumable")
+    # the checkpoints' shapes come from the genotype and task: another one is refused before Ray
+    with pytest.raises(UserError, match="name=resumable: genotype is compact where the run has tim_light"):
+        run_train("cluster.num_workers=1", "name=resumable", "resume=true", "genotype=compact")
     second = run_train("cluster.num_workers=1", "train.steps=8", "train.checkpoint_every=2", "name=resumable",
                        "resume=true", "guidance.weight=0")
     assert second["run_id"] == first["run_id"]
@@ -137,3 +140,15 @@ def test_local_backend_without_ray(workdir):
     assert final_step(result) == 3
     assert sorted(p.name for p in (workdir / "runs" / "ray" / "debug").glob("checkpoint_*")) == [
         "checkpoint_000000002", "checkpoint_000000003"]
+
+
+def test_a_resumed_run_is_compared_on_what_both_sides_record():
+    from timfusion.platform.jobs.train import check_resumed
+
+    info = {"identity": {"task": "ir_vis", "genotype": {"name": "compact", "cells": [1, 2]},
+                         "guidance.head_width": None}}
+    check_resumed(info, {"task": "ir_vis", "genotype": {"name": "compact", "cells": (1, 2)},
+                         "guidance.head_width": 8}, "r")  # tuples as lists; an unguided run had no head
+    check_resumed({"mlflow_run_id": "x"}, {"task": "medical"}, "r")  # recorded before identities were
+    with pytest.raises(UserError, match=r"task is medical where the run has ir_vis; genotype is compact wh"):
+        check_resumed(info, {"task": "medical", "genotype": {"name": "compact", "cells": [1, 3]}}, "r")

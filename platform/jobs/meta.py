@@ -70,7 +70,8 @@ def meta(cfg: DictConfig) -> dict[str, Any]:
                         "(raise it or lower cluster.num_workers)")
     storage = job_storage(cfg)
     name = cfg.name or f"meta-{settings.algorithm}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_dir, info = prepare_run_dir(cfg, name, storage)
+    identity = {"genotype": genotype.to_dict(), "meta.algorithm": str(settings.algorithm)}
+    run_dir, info = prepare_run_dir(cfg, name, storage, identity)
     workdir = Path(str(cfg.workdir)).resolve()
     pools = {task.name: (task, training_records(cfg, task, workdir)) for task in tasks}
     resolved = to_container(cfg)
@@ -90,7 +91,8 @@ def meta(cfg: DictConfig) -> dict[str, Any]:
         tracker.log_text(json.dumps({n: {"train": [r.name for r in tr], "val": [r.name for r in va]}
                                      for n, (_, (tr, va)) in pools.items()}, indent=1), "data/split.json")
         run_dir.mkdir(parents=True, exist_ok=True)
-        write_run_info(run_dir, {"mlflow_run_id": tracker.run_id, "tracking_uri": tracker.uri, "name": name})
+        write_run_info(run_dir, {"mlflow_run_id": tracker.run_id, "tracking_uri": tracker.uri, "name": name,
+                                 "identity": identity})
     loop_config = {
         "backend": cfg.cluster.backend, "run_dir": str(run_dir), "meta": resolved["meta"],
         "genotype": genotype.to_dict(),

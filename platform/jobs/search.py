@@ -25,6 +25,7 @@ from timfusion.platform.jobs.common import task_from
 from timfusion.platform.jobs.registry import check_register, register_after
 from timfusion.platform.jobs.train import (
     check_placeable,
+    check_resumed,
     check_train_settings,
     check_val_images,
     init_ray,
@@ -210,6 +211,8 @@ def search(cfg: DictConfig) -> dict[str, Any]:
         raise UserError(
             f"name={name}: a search of that name exists under {workdir}; pass resume=true or another name"
         )
+    identity = {"task": task.name, "search_space": to_container(cfg.search_space)}
+    check_resumed(info, identity, name)  # the trials' checkpoints are supernets of that space
     train_records, val_records = training_records(cfg, task, workdir)
     if retrain_cfg is not None:  # the retraining validates on these pairs after the whole search
         check_val_images(retrain_cfg, val_records)
@@ -228,7 +231,8 @@ def search(cfg: DictConfig) -> dict[str, Any]:
         tracker.log_config(resolved)
         tracker.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config/config.yaml")
         run_dir.mkdir(parents=True, exist_ok=True)
-        write_run_info(run_dir, {"mlflow_run_id": tracker.run_id, "tracking_uri": tracker.uri, "name": name})
+        write_run_info(run_dir, {"mlflow_run_id": tracker.run_id, "tracking_uri": tracker.uri, "name": name,
+                                 "identity": identity})
     base = {
         "search_space": resolved["search_space"],
         "search": resolved["search"],

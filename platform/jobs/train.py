@@ -197,7 +197,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     workers, use_gpu = resolve_workers(cfg.cluster)
     storage = job_storage(cfg)
     name = cfg.name or f"{task.name}-{genotype.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_dir, info = prepare_run_dir(cfg, name, storage)
+    guided = float(cfg.guidance.weight) > 0
+    identity = {"task": task.name, "genotype": genotype.to_dict(),
+                "guidance.head_width": int(cfg.guidance.head_width) if guided else None}
+    run_dir, info = prepare_run_dir(cfg, name, storage, identity)
     workdir = Path(str(cfg.workdir)).resolve()
     train_records, val_records = training_records(cfg, task, workdir)
     check_val_images(cfg, val_records)
@@ -223,7 +226,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                                      "val": [r.name for r in val_records],
                                      "val_seed": int(cfg.data.val_seed)}, indent=1), "data/split.json")
         run_dir.mkdir(parents=True, exist_ok=True)
-        write_run_info(run_dir, {"mlflow_run_id": tracker.run_id, "tracking_uri": tracker.uri, "name": name})
+        write_run_info(run_dir, {"mlflow_run_id": tracker.run_id, "tracking_uri": tracker.uri, "name": name,
+                                 "identity": identity})
     loop_config = {
         "backend": cfg.cluster.backend, "run_dir": str(run_dir), "task": resolved["task"],
         "genotype": genotype.to_dict(), "train": resolved["train"], "guidance": resolved["guidance"],
@@ -248,8 +252,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     return register_after(cfg, result, tracker.run_id, task.name)
 
 
-def prepare_run_dir(cfg: DictConfig, name: str, storage: str) -> tuple[Path, dict[str, Any] | None]:
-    """The run's folder and its run info when it exists; errors for a bad ``resume``/``name`` pair."""
+def prepare_run_dir(cfg: DictConfig, name: str, storage: str,
+                    identity: dict[str, Any]) -> tuple[Path, dict[str, Any] | None]:
+    """The run's folder and its run info when it exists; errors for a bad ``resume``/``name``
+    pair, or for a resumed run whose ``identity`` (see :func:`check_resumed`) has changed."""
     run_dir = (Path(storage) / name if "://" not in storage
                else Path(str(cfg.workdir)).resolve() / "runs" / name)
     info = read_run_info(run_dir)
@@ -258,7 +264,27 @@ def prepare_run_dir(cfg: DictConfig, name: str, storage: str) -> tuple[Path, dic
     if not cfg.resume and (info is not None or (run_dir.exists() and any(run_dir.iterdir()))):
         raise UserError(f"name={name}: a run of that name exists under {storage}; "
                         "pass resume=true to continue it or choose another name")
+    check_resumed(info, identity, name)
     return run_dir, info
+
+
+def check_resumed(info: dict[str, Any] | None, identity: dict[str, Any], name: str) -> None:
+    """resume=true continues ``name``'s checkpoints: what their shapes depend on (``identity``,
+    recorded in the run info: task, genotype, head, ...) must be the run's own, or loading them
+    fails in a worker after its restarts. Values None on either side (no head) are not compared;
+    runs recorded before identities were are not checked."""
+    stored = (info or {}).get("identity") or {}
+    asked = json.loads(json.dumps(identity))  # as the run info holds it: lists, not tuples
+
+    def shown(value: Any) -> str:
+        return str(value.get("name", "another mapping")) if isinstance(value, dict) else str(value)
+
+    changed = [f"{key} is {shown(value)} where the run has {shown(stored[key])}"
+               for key, value in asked.items()
+               if stored.get(key) is not None and value is not None and stored[key] != value]
+    if changed:
+        raise UserError(f"resume=true name={name}: {'; '.join(changed)}; resume with the run's settings "
+                        "or choose another name")
 
 
 def initial_weights(reference: str, genotype: Any, tracking: str | None) -> bytes:
