@@ -36,7 +36,7 @@ import mlflow.pyfunc
 import numpy as np
 import torch
 
-from timfusion.platform.errors import UserError
+from timfusion.platform.errors import UserError, check_bounds
 from timfusion.platform.tracking import git_commit, mlflow_client, resolve_run, tracking_uri
 
 PYFUNC_ARTIFACT = "registry/pyfunc"
@@ -342,8 +342,11 @@ class Gate:
         for metric, tolerance in gate.metrics.items():
             if not float(tolerance) >= 0:
                 raise UserError(f"gate.metrics.{metric}: tolerance must be >= 0, got {tolerance}")
-        if int(gate.pairs) < 1:
-            raise UserError(f"gate.pairs must be >= 1, got {gate.pairs}")
+        check_bounds("gate", dataclasses.asdict(gate), at_least_one=("pairs",),
+                     positive=("max_macs", "max_latency_ms"), optional=("max_macs", "max_latency_ms"))
+        if len(gate.size) != 2 or min(gate.size) < 1:
+            raise UserError(f"gate.size: expected [height, width] of positive integers, "
+                            f"got {list(gate.size)}")
         return gate
 
 

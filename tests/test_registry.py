@@ -161,6 +161,13 @@ def test_a_gate_on_a_dataset_that_does_not_exist_fails_before_any_evaluation(cli
     assert code == 2 and "gate.dataset=no_such_set: not 'synthetic', a dataset of task ir_vis" in err
     code, _, err = promote(cli, store, version, "+gate.metrics.NOPE=0.1")
     assert code == 2 and "NOPE" in err
+    for override, expected in (
+        ("gate.max_macs=-5", "gate.max_macs must be > 0 or null, got -5"),
+        ("gate.size=[96]", "gate.size: expected [height, width] of positive integers"),
+        ("gate.synthetic.size=[8,8]", "gate.synthetic.size: expected (height, width) of at least 16x16"),
+    ):
+        code, _, err = promote(cli, store, version, override)
+        assert code == 2 and expected in err, err
     assert "champion.decision" not in client(store).get_model_version(NAME, str(version)).tags
     code, _, err = promote(cli, store, 7)
     assert code == 2 and "version 7: not in the registry" in err
