@@ -362,6 +362,11 @@ def train_worker(config: dict[str, Any]) -> None:
 # ----------------------------------------------------------------------------- validation
 
 
+def scored_pairs(records: list[PairRecord], limit: int | None) -> list[PairRecord]:
+    """The validation pairs a run scores: the first ``train.val_max_pairs`` (null: every one)."""
+    return records[: None if limit is None else int(limit)]
+
+
 def validate(
     network: nn.Module,
     head: nn.Module | None,
@@ -378,8 +383,7 @@ def validate(
     network.eval()
     if head is not None:
         head.eval()
-    limit = config["train"]["val_max_pairs"]  # null: every validation pair
-    dataset = PairedDataset(records[: None if limit is None else int(limit)], labels=head is not None,
+    dataset = PairedDataset(scored_pairs(records, config["train"]["val_max_pairs"]), labels=head is not None,
                             num_classes=len(task.classes))
     loss_fn = task.build_loss().to(device)
     sums: dict[str, list[float]] = {spec.name: [] for spec in specs}

@@ -20,7 +20,7 @@ from timfusion.platform.jobs.common import task_from
 from timfusion.platform.jobs.registry import check_register, register_after
 from timfusion.platform.storage import job_storage, ray_storage, redact
 from timfusion.platform.tracking import Tracker, tracking_uri
-from timfusion.platform.training import read_run_info, train_worker, write_run_info
+from timfusion.platform.training import read_run_info, scored_pairs, train_worker, write_run_info
 from timfusion.tasks import FusionTask
 from timfusion.tasks.datasets import PairRecord, fingerprint, load_records
 
@@ -170,8 +170,7 @@ def check_val_images(cfg: DictConfig, val_records: list[PairRecord]) -> None:
     from timfusion.tasks.imageio import image_size
     from timfusion.tasks.metrics import check_scorable, resolve_metrics
 
-    limit = cfg.train.val_max_pairs
-    scored = val_records[: None if limit is None else int(limit)]
+    scored = scored_pairs(val_records, cfg.train.val_max_pairs)
     if not scored:
         return
     sizes = {record.name: image_size(record.a) for record in scored}
