@@ -119,6 +119,13 @@ def test_an_override_of_the_wrong_type_is_one_line_before_work(cli, workdir, com
         ("meta", ["meta.seed=-1"], "meta.seed must be an integer in 0..4294967295, got -1"),
         ("search", ["seed=4294967296"], "seed must be an integer in 0..4294967295, got 4294967296"),
         ("run", ["seed=-1"], "seed must be an integer in 0..4294967295, got -1"),
+        # the main job: a late stage's names and counts before the first stage's work
+        ("run", ["metrics=[BOGUS]"], "metrics: unknown tang metric(s) BOGUS"),
+        ("run", ["baselines=[lp,bogus]"], "baselines: unknown baseline 'bogus'"),
+        ("run", ["meta.algorithm=anil"], "meta.algorithm: unknown meta-learning algorithm 'anil'"),
+        ("run", ["meta.held_out=ir_vis", "meta.tasks=[mri_ct,multi_focus]"],
+         "meta.held_out=ir_vis: not among meta.tasks (mri_ct, multi_focus)"),
+        ("run", ["search.trials=0"], "search.trials must be >= 1, got 0"),
         ("train", ["data.val_seed=-1"], "data.val_seed must be an integer in 0..4294967295, got -1"),
         ("train", ["data.val_fraction=1"], "data.val_fraction must be > 0 and < 1, got 1"),
         ("train", ["data=synthetic", "data.synthetic.size=[64]"],

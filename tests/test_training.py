@@ -152,3 +152,24 @@ def test_a_resumed_run_is_compared_on_what_both_sides_record():
     check_resumed({"mlflow_run_id": "x"}, {"task": "medical"}, "r")  # recorded before identities were
     with pytest.raises(UserError, match=r"task is medical where the run has ir_vis; genotype is compact wh"):
         check_resumed(info, {"task": "medical", "genotype": {"name": "compact", "cells": [1, 3]}}, "r")
+
+
+def test_running_out_of_memory_is_one_line_naming_the_knobs(workdir, monkeypatch):
+    """A patch or batch too large for this machine (train.crop=100000 asks numpy for 37 GiB): the
+    run is marked FAILED and the line says what to lower. The allocation itself is not made here:
+    where memory is overcommitted it would succeed and the OOM killer would end the tests."""
+    from mlflow.tracking import MlflowClient
+
+    from timfusion.platform.errors import JobFailed
+    from timfusion.platform.jobs import train as job
+
+    def starved(config: dict) -> None:
+        raise MemoryError("Unable to allocate 37.3 GiB for an array with shape (100000, 100000)")
+
+    monkeypatch.setattr(job, "train_worker", starved)
+    with pytest.raises(JobFailed, match=r"run hungry: out of memory \(MemoryError: Unable to allocate 37.3 "
+                                        r"GiB.*\); lower train.crop or train.batch_size"):
+        run_train("cluster=none", "name=hungry", "train.steps=2")
+    client = MlflowClient(f"sqlite:///{workdir / 'runs' / 'mlflow.db'}")
+    [run] = client.search_runs(client.search_experiments()[0].experiment_id)
+    assert run.info.status == "FAILED"

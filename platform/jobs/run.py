@@ -9,7 +9,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from timfusion.platform.config import compose
-from timfusion.platform.errors import check_bounds
+from timfusion.platform.errors import UserError, check_bounds
 from timfusion.platform.jobs import command
 from timfusion.platform.jobs.data import synth
 from timfusion.platform.jobs.evaluate import evaluate
@@ -118,10 +118,53 @@ def _register_and_promote(cfg: DictConfig, run_id: str, workdir: Path, tracking:
     return f"models:/{name}@champion"
 
 
+def check_run_settings(cfg: DictConfig) -> None:
+    """The names and counts each stage takes from ``run.*``, before the first stage: a typo in a
+    late one (``metrics``, ``meta.algorithm``) would otherwise end the job after minutes of work."""
+    from timfusion.meta.algorithms import META_ALGORITHMS
+    from timfusion.platform.config import group_options, task_config
+    from timfusion.search_spaces.genotype import load_genotype
+    from timfusion.tasks.fusers import BASELINES
+    from timfusion.tasks.metrics import resolve_metrics
+
+    check_bounds("", cfg, at_least_one=("n",), seeds=("seed",))
+    resolve_metrics(str(cfg.definition), list(cfg.metrics), key="metrics")
+    for name in cfg.baselines:
+        try:
+            BASELINES.get(str(name))
+        except UserError as err:
+            raise UserError(f"baselines: {err}") from None
+    if cfg.train.enabled or cfg.search.enabled:  # the search's retraining takes train.*'s counts
+        check_bounds("train", cfg.train, at_least_one=("steps", "n", "workers"), positive=("time_budget_s",))
+    if cfg.train.enabled:
+        load_genotype(str(cfg.train.genotype), key="train.genotype")
+    if cfg.search.enabled:
+        check_bounds("search", cfg.search, at_least_one=("trials", "steps"), positive=("time_budget_s",))
+        if str(cfg.search.space) not in group_options("search_space"):
+            raise UserError(f"search.space={cfg.search.space}: unknown; valid choices: "
+                            f"{', '.join(group_options('search_space'))}")
+    if cfg.train.enabled and cfg.registry.enabled and str(cfg.registry.gate) not in group_options("gate"):
+        raise UserError(f"registry.gate={cfg.registry.gate}: unknown; valid choices: "
+                        f"{', '.join(group_options('gate'))}")
+    if cfg.meta.enabled:
+        spec = cfg.meta
+        check_bounds("meta", spec, at_least_one=("steps", "meta_batch", "workers", "crop", "n", "adapt_steps",
+                                                 "val_every"), non_negative=("fidelity_warmup_steps",))
+        try:
+            META_ALGORITHMS.get(str(spec.algorithm))
+        except UserError as err:
+            raise UserError(f"meta.algorithm: {err}") from None
+        load_genotype(str(spec.genotype), key="meta.genotype")
+        for name in spec.tasks:
+            task_config(str(name), key="meta.tasks")
+        if spec.held_out not in spec.tasks:
+            raise UserError(f"meta.held_out={spec.held_out}: not among meta.tasks ({', '.join(spec.tasks)})")
+
+
 @command("run", config="run",
          summary="the main job: synthetic data -> baselines + trained network -> ranking")
 def run(cfg: DictConfig) -> dict[str, Any]:
-    check_bounds("", cfg, seeds=("seed",))  # before the first stage, not in a later one's seed + 2
+    check_run_settings(cfg)
     workdir = Path(str(cfg.workdir)).resolve()
     data_dir, fused_dir, eval_dir = workdir / "data", workdir / "fused", workdir / "evaluate"
     task = f"task={OmegaConf.select(cfg, 'task.name')}"

@@ -308,11 +308,18 @@ def run_workers(cfg: DictConfig, loop: Any, loop_config: dict, name: str, storag
                 use_gpu: bool, tracker: Tracker) -> None:
     """Run ``loop`` in this process (``cluster.backend=local``) or on Ray Train workers; a failure
     marks the MLflow run FAILED before it propagates."""
+    import torch
+
     try:
         if cfg.cluster.backend == "local":
             loop(loop_config)
         else:
             fit_with_ray(cfg, loop, loop_config, name, storage, workers, use_gpu)
+    except (MemoryError, torch.OutOfMemoryError) as err:  # numpy's _ArrayMemoryError is a MemoryError
+        tracker.finish("FAILED")
+        knobs = ("train.crop or train.batch_size" if loop is train_worker
+                 else "meta.crop, meta.support or meta.query")
+        raise JobFailed(f"run {name}: out of memory ({cause_line(err)}); lower {knobs}") from err
     except BaseException:
         tracker.finish("FAILED")
         raise
