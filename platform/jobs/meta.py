@@ -34,11 +34,19 @@ from timfusion.tasks.datasets import fingerprint
 RUN_ID = re.compile(r"[0-9a-f]{32}")
 
 
-def check_meta_settings(settings: DictConfig) -> None:
-    """Every ``meta.*`` problem as a UserError naming the key, before any data or Ray work."""
+def check_algorithm(name: str) -> None:
+    """``meta.algorithm`` names a registered algorithm (the error lists them)."""
     from timfusion.meta.algorithms import META_ALGORITHMS
 
-    META_ALGORITHMS.get(str(settings.algorithm))
+    try:
+        META_ALGORITHMS.get(name)
+    except UserError as err:
+        raise UserError(f"meta.algorithm: {err}") from None
+
+
+def check_meta_settings(settings: DictConfig) -> None:
+    """Every ``meta.*`` problem as a UserError naming the key, before any data or Ray work."""
+    check_algorithm(str(settings.algorithm))
     check_bounds("meta", settings,
                  at_least_one=("steps", "meta_batch", "inner_steps", "support", "query", "crop", "log_every",
                                "checkpoint_every"),

@@ -121,8 +121,8 @@ def _register_and_promote(cfg: DictConfig, run_id: str, workdir: Path, tracking:
 def check_run_settings(cfg: DictConfig) -> None:
     """The names and counts each stage takes from ``run.*``, before the first stage: a typo in a
     late one (``metrics``, ``meta.algorithm``) would otherwise end the job after minutes of work."""
-    from timfusion.meta.algorithms import META_ALGORITHMS
     from timfusion.platform.config import group_options, task_config
+    from timfusion.platform.jobs.meta import check_algorithm
     from timfusion.search_spaces.genotype import load_genotype
     from timfusion.tasks.fusers import BASELINES
     from timfusion.tasks.metrics import resolve_metrics
@@ -150,10 +150,7 @@ def check_run_settings(cfg: DictConfig) -> None:
         spec = cfg.meta
         check_bounds("meta", spec, at_least_one=("steps", "meta_batch", "workers", "crop", "n", "adapt_steps",
                                                  "val_every"), non_negative=("fidelity_warmup_steps",))
-        try:
-            META_ALGORITHMS.get(str(spec.algorithm))
-        except UserError as err:
-            raise UserError(f"meta.algorithm: {err}") from None
+        check_algorithm(str(spec.algorithm))
         load_genotype(str(spec.genotype), key="meta.genotype")
         for name in spec.tasks:
             task_config(str(name), key="meta.tasks")
