@@ -40,6 +40,12 @@ def group_options(group: str) -> list[str]:
     return sorted({path.stem for path in _option_files(group)})
 
 
+def check_option(group: str, value: str, key: str) -> None:
+    """``value`` is an option of the config group ``group``; else a UserError naming ``key``."""
+    if value not in group_options(group):
+        raise UserError(f"{key}={value}: unknown value; valid choices: {', '.join(group_options(group))}")
+
+
 def compose(config_name: str, overrides: list[str]) -> DictConfig:
     """Compose the command config ``config_name`` with Hydra ``overrides``."""
     from hydra import compose as hydra_compose
@@ -56,10 +62,7 @@ def compose(config_name: str, overrides: list[str]) -> DictConfig:
         text = str(err)
         group = re.search(r"Could not find '([^/']+)/([^']+)'", text)
         if group:
-            raise UserError(
-                f"{group.group(1)}={group.group(2)}: unknown value; valid choices: "
-                f"{', '.join(group_options(group.group(1)))}"
-            ) from None
+            check_option(group.group(1), group.group(2), group.group(1))
         raise UserError(text.splitlines()[0]) from None
     except OverrideParseException as err:
         raise UserError(f"malformed override: {str(err).splitlines()[0]}") from None

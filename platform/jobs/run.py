@@ -121,7 +121,7 @@ def _register_and_promote(cfg: DictConfig, run_id: str, workdir: Path, tracking:
 def check_run_settings(cfg: DictConfig) -> None:
     """The names and counts each stage takes from ``run.*``, before the first stage: a typo in a
     late one (``metrics``, ``meta.algorithm``) would otherwise end the job after minutes of work."""
-    from timfusion.platform.config import group_options, task_config
+    from timfusion.platform.config import check_option, task_config
     from timfusion.platform.jobs.meta import check_algorithm
     from timfusion.search_spaces.genotype import load_genotype
     from timfusion.tasks.fusers import BASELINES
@@ -140,12 +140,9 @@ def check_run_settings(cfg: DictConfig) -> None:
         load_genotype(str(cfg.train.genotype), key="train.genotype")
     if cfg.search.enabled:
         check_bounds("search", cfg.search, at_least_one=("trials", "steps"), positive=("time_budget_s",))
-        if str(cfg.search.space) not in group_options("search_space"):
-            raise UserError(f"search.space={cfg.search.space}: unknown; valid choices: "
-                            f"{', '.join(group_options('search_space'))}")
-    if cfg.train.enabled and cfg.registry.enabled and str(cfg.registry.gate) not in group_options("gate"):
-        raise UserError(f"registry.gate={cfg.registry.gate}: unknown; valid choices: "
-                        f"{', '.join(group_options('gate'))}")
+        check_option("search_space", str(cfg.search.space), "search.space")
+    if cfg.train.enabled and cfg.registry.enabled:
+        check_option("gate", str(cfg.registry.gate), "registry.gate")
     if cfg.meta.enabled:
         spec = cfg.meta
         check_bounds("meta", spec, at_least_one=("steps", "meta_batch", "workers", "crop", "n", "adapt_steps",
