@@ -143,15 +143,18 @@ def _check_types(config_name: str, overrides: list[str], cfg: DictConfig) -> Non
 _MISSING = object()
 
 
+FREE_FORM = ("tune.space", "gate.metrics")  # mappings of the user's names: parameters, metrics
+
+
 def _open_mapping(config_name: str, name: str) -> bool:
-    """Whether ``name`` is, or lies under, a mapping that is empty by default (``data.filter``,
-    ``tags``): a free-form mapping whose keys are the user's, which Hydra's struct mode refuses."""
+    """Whether ``name`` is, or lies under, a mapping whose keys are the user's, which Hydra's
+    struct mode refuses: one empty by default (``data.filter``, ``tags``) or in :data:`FREE_FORM`."""
     base = compose(config_name, [])
     node, parent = OmegaConf.select(base, name, default=_MISSING), name
     while node is _MISSING and "." in parent:
         parent = parent.rsplit(".", 1)[0]
         node = OmegaConf.select(base, parent, default=_MISSING)
-    return isinstance(node, DictConfig) and len(node) == 0
+    return isinstance(node, DictConfig) and (len(node) == 0 or parent in FREE_FORM)
 
 
 def _refused_key(config_name: str, name: str, overrides: list[str]) -> str | None:
