@@ -199,8 +199,9 @@ def test_a_free_form_mapping_still_refuses_keys_beside_it():
     with pytest.raises(UserError, match="data.bogus: unknown key under 'data'"):
         compose("train", ["data.bogus=1"])
     # tune.space and gate.metrics hold the user's names, though not empty by default
-    cfg = compose("search", ["tune.space.width={type: int, low: 8, high: 16}"])
-    assert cfg.tune.space.width.high == 16 and "hypergrad" in cfg.tune.space
+    cfg = compose("search", ["tune.space.width={type: int, low: 8, high: 16}",
+                             "tune.space={loss.gradient: {type: float, low: 0, high: 2}}"])
+    assert cfg.tune.space.width.high == 16 and {"hypergrad", "loss.gradient"} <= set(cfg.tune.space)
     cfg = compose("promote", ["gate.metrics.SSIM=0.01"])
     assert dict(cfg.gate.metrics) == {"VIF": 0.0, "Qabf": 0.0, "SSIM": 0.01}
     with pytest.raises(UserError, match="tune.bogus: unknown key under 'tune'"):
