@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 
@@ -17,6 +18,18 @@ class JobFailed(UserError):
     run): one line naming the run and the cause, exit status 1; the run is recorded FAILED."""
 
     exit_code = 1
+
+
+@contextmanager
+def naming(subject: str) -> Iterator[None]:
+    """UserErrors raised inside start with ``subject`` (``meta.algorithm: unknown ...``): a
+    library's message, with the setting or value it came from."""
+    try:
+        yield
+    except UserError as err:
+        err.args = (f"{subject}: {err}", *err.args[1:])
+        err.__suppress_context__ = True
+        raise
 
 
 def cause_line(err: BaseException) -> str:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from timfusion.platform.errors import UserError
+from timfusion.platform.errors import UserError, naming
 from timfusion.tasks.base import FusionTask
 from timfusion.tasks.fusers import BASELINES, Fuser
 
@@ -72,10 +72,8 @@ def load_fuser(
     """The fuser ``reference`` names, in eval mode on ``device``."""
     kind, _, name = str(reference).partition(":")
     if kind == "baseline" and name:
-        try:
+        with naming(f"model={reference}"):  # the registry's message, with the key it came from
             fuser = BASELINES.get(name)()
-        except UserError as err:  # the registry's message, with the key it came from
-            raise UserError(f"model={reference}: {err}") from None
     elif str(reference).startswith(("runs:/", "models:/")) or Path(str(reference)).suffix == ".pt" or Path(
         str(reference)
     ).is_dir():

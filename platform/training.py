@@ -437,9 +437,13 @@ def _grid(rows: list[list[np.ndarray]], height: int = 128) -> np.ndarray:
     return np.concatenate(lines, axis=0)
 
 
-def write_run_info(run_dir: Path, info: dict[str, Any]) -> None:
+def record_run(run_dir: Path, tracker: Any, name: str, identity: dict[str, Any]) -> None:
+    """The run info a resume finds: the MLflow run and store, the run's name, and what its
+    checkpoints' shapes depend on (``identity``: see ``jobs.train.check_resumed``)."""
     from timfusion.tasks.imageio import atomic_write_text
 
+    run_dir.mkdir(parents=True, exist_ok=True)
+    info = {"mlflow_run_id": tracker.run_id, "tracking_uri": tracker.uri, "name": name, "identity": identity}
     atomic_write_text(run_dir / RUN_INFO, json.dumps(info, indent=2) + "\n")
 
 

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from timfusion.platform.errors import UserError, check_bounds
+from timfusion.platform.errors import UserError, check_bounds, naming
 from timfusion.search_spaces.genotype import Genotype
 from timfusion.search_spaces.hypergrad import build_hypergrad
 from timfusion.search_spaces.network import FusionNetwork, count_macs
@@ -77,10 +77,8 @@ class SearchSettings:
         if settings.cost not in CostTable.KINDS:
             raise UserError(f"search.cost={settings.cost}: unknown; valid choices: "
                             f"{', '.join(CostTable.KINDS)}")
-        try:
+        with naming(f"search.hypergrad={settings.hypergrad}"):
             build_hypergrad(settings.hypergrad, **settings.hypergrad_options)  # the name and its options
-        except UserError as err:
-            raise UserError(f"search.hypergrad={settings.hypergrad}: {err}") from None
         return settings
 
 

@@ -12,7 +12,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from timfusion.platform.config import compose, task_config, to_container
-from timfusion.platform.errors import UserError, check_bounds
+from timfusion.platform.errors import UserError, check_bounds, naming
 from timfusion.platform.jobs import command
 from timfusion.platform.jobs.common import task_from
 from timfusion.platform.jobs.registry import check_register, register_after
@@ -27,7 +27,7 @@ from timfusion.platform.jobs.train import (
 )
 from timfusion.platform.storage import job_storage
 from timfusion.platform.tracking import Tracker, tracking_uri
-from timfusion.platform.training import write_run_info
+from timfusion.platform.training import record_run
 from timfusion.tasks import build_task
 from timfusion.tasks.datasets import fingerprint
 
@@ -38,10 +38,8 @@ def check_algorithm(name: str) -> None:
     """``meta.algorithm`` names a registered algorithm (the error lists them)."""
     from timfusion.meta.algorithms import META_ALGORITHMS
 
-    try:
+    with naming("meta.algorithm"):
         META_ALGORITHMS.get(name)
-    except UserError as err:
-        raise UserError(f"meta.algorithm: {err}") from None
 
 
 def check_meta_settings(settings: DictConfig) -> None:
@@ -98,9 +96,7 @@ def meta(cfg: DictConfig) -> dict[str, Any]:
         tracker.log_text(genotype.to_json(), "genotype/genotype.json")
         tracker.log_text(json.dumps({n: {"train": [r.name for r in tr], "val": [r.name for r in va]}
                                      for n, (_, (tr, va)) in pools.items()}, indent=1), "data/split.json")
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_run_info(run_dir, {"mlflow_run_id": tracker.run_id, "tracking_uri": tracker.uri, "name": name,
-                                 "identity": identity})
+        record_run(run_dir, tracker, name, identity)
     loop_config = {
         "backend": cfg.cluster.backend, "run_dir": str(run_dir), "meta": resolved["meta"],
         "genotype": genotype.to_dict(),

@@ -9,7 +9,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from timfusion.platform.config import compose
-from timfusion.platform.errors import UserError, check_bounds
+from timfusion.platform.errors import UserError, check_bounds, naming
 from timfusion.platform.jobs import command
 from timfusion.platform.jobs.data import synth
 from timfusion.platform.jobs.evaluate import evaluate
@@ -130,10 +130,8 @@ def check_run_settings(cfg: DictConfig) -> None:
     check_bounds("", cfg, at_least_one=("n",), seeds=("seed",))
     resolve_metrics(str(cfg.definition), list(cfg.metrics), key="metrics")
     for name in cfg.baselines:
-        try:
+        with naming("baselines"):
             BASELINES.get(str(name))
-        except UserError as err:
-            raise UserError(f"baselines: {err}") from None
     if cfg.train.enabled or cfg.search.enabled:  # the search's retraining takes train.*'s counts
         check_bounds("train", cfg.train, at_least_one=("steps", "n", "workers"), positive=("time_budget_s",))
     if cfg.train.enabled:

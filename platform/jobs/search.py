@@ -19,7 +19,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from timfusion.platform.config import compose, to_container
-from timfusion.platform.errors import UserError, check_bounds
+from timfusion.platform.errors import UserError, check_bounds, naming
 from timfusion.platform.jobs import command
 from timfusion.platform.jobs.common import task_from
 from timfusion.platform.jobs.registry import check_register, register_after
@@ -35,7 +35,7 @@ from timfusion.platform.jobs.train import (
 from timfusion.platform.report import markdown_table
 from timfusion.platform.storage import job_storage, ray_storage
 from timfusion.platform.tracking import Tracker, tracking_uri
-from timfusion.platform.training import read_run_info, write_run_info
+from timfusion.platform.training import read_run_info, record_run
 from timfusion.tasks.datasets import fingerprint
 from timfusion.tasks.imageio import atomic_write_bytes, atomic_write_text
 
@@ -101,15 +101,13 @@ def check_draws(cfg: DictConfig, base_check: dict[str, Any]) -> None:
     for key, spec in to_container(cfg.tune.space).items():
         for value in spec.get("choices") or [spec["low"], spec["high"]]:
             drawn = {**base_check, "params": {key: value}}
-            try:
+            with naming(f"tune.space.{key} may draw {value}"):
                 if key in SPACE_EXTRA:
                     Supernet(trial_space(drawn))
                 elif key in SearchSettings.__dataclass_fields__:
                     trial_settings(drawn)
                 else:  # loss.<term>
                     build_task(trial_task_config({**drawn, "task": to_container(cfg.task)})).build_loss()
-            except UserError as err:
-                raise UserError(f"tune.space.{key} may draw {value}: {err}") from None
 
 
 def pareto_front(
@@ -230,9 +228,7 @@ def search(cfg: DictConfig) -> dict[str, Any]:
         tracker = Tracker.start({**resolved["tracking"], "uri": uri}, name, tags)
         tracker.log_config(resolved)
         tracker.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config/config.yaml")
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_run_info(run_dir, {"mlflow_run_id": tracker.run_id, "tracking_uri": tracker.uri, "name": name,
-                                 "identity": identity})
+        record_run(run_dir, tracker, name, identity)
     base = {
         "search_space": resolved["search_space"],
         "search": resolved["search"],

@@ -20,7 +20,7 @@ from timfusion.platform.jobs.common import task_from
 from timfusion.platform.jobs.registry import check_register, register_after
 from timfusion.platform.storage import job_storage, ray_storage, redact
 from timfusion.platform.tracking import Tracker, tracking_uri
-from timfusion.platform.training import read_run_info, scored_pairs, train_worker, write_run_info
+from timfusion.platform.training import read_run_info, record_run, scored_pairs, train_worker
 from timfusion.tasks import FusionTask
 from timfusion.tasks.datasets import PairRecord, fingerprint, load_records
 
@@ -224,9 +224,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         tracker.log_text(json.dumps({"train": [r.name for r in train_records],
                                      "val": [r.name for r in val_records],
                                      "val_seed": int(cfg.data.val_seed)}, indent=1), "data/split.json")
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_run_info(run_dir, {"mlflow_run_id": tracker.run_id, "tracking_uri": tracker.uri, "name": name,
-                                 "identity": identity})
+        record_run(run_dir, tracker, name, identity)
     loop_config = {
         "backend": cfg.cluster.backend, "run_dir": str(run_dir), "task": resolved["task"],
         "genotype": genotype.to_dict(), "train": resolved["train"], "guidance": resolved["guidance"],
