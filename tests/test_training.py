@@ -173,3 +173,23 @@ def test_running_out_of_memory_is_one_line_naming_the_knobs(workdir, monkeypatch
     client = MlflowClient(f"sqlite:///{workdir / 'runs' / 'mlflow.db'}")
     [run] = client.search_runs(client.search_experiments()[0].experiment_id)
     assert run.info.status == "FAILED"
+
+
+def test_running_out_of_memory_on_ray_spends_no_restart(ray_cluster, workdir, monkeypatch):
+    """On Ray Train the same error ends the run at its first attempt: a restart would run the same
+    step on the same machine and run out again, after minutes spent on each of max_failures."""
+    from timfusion.platform.errors import JobFailed
+    from timfusion.platform.jobs import train as job
+
+    attempts = workdir / "attempts.txt"
+
+    def starved(config: dict) -> None:
+        with attempts.open("a") as log:
+            log.write("started\n")
+        raise MemoryError("Unable to allocate 37.3 GiB for an array with shape (100000, 100000)")
+
+    monkeypatch.setattr(job, "train_worker", starved)
+    with pytest.raises(JobFailed, match=r"run hungry: out of memory \(MemoryError: Unable to allocate 37.3 "
+                                        r"GiB.*\); lower train.crop or train.batch_size"):
+        run_train("cluster.num_workers=1", "cluster.max_failures=2", "name=hungry", "train.steps=2")
+    assert attempts.read_text().splitlines() == ["started"]

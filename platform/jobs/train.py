@@ -306,14 +306,12 @@ def run_workers(cfg: DictConfig, loop: Any, loop_config: dict, name: str, storag
                 use_gpu: bool, tracker: Tracker) -> None:
     """Run ``loop`` in this process (``cluster.backend=local``) or on Ray Train workers; a failure
     marks the MLflow run FAILED before it propagates."""
-    import torch
-
     try:
         if cfg.cluster.backend == "local":
             loop(loop_config)
         else:
             fit_with_ray(cfg, loop, loop_config, name, storage, workers, use_gpu)
-    except (MemoryError, torch.OutOfMemoryError) as err:  # numpy's _ArrayMemoryError is a MemoryError
+    except out_of_memory_errors() as err:
         tracker.finish("FAILED")
         knobs = ("train.crop or train.batch_size" if loop is train_worker
                  else "meta.crop, meta.support or meta.query")
@@ -321,6 +319,29 @@ def run_workers(cfg: DictConfig, loop: Any, loop_config: dict, name: str, storag
     except BaseException:
         tracker.finish("FAILED")
         raise
+
+
+def out_of_memory_errors() -> tuple[type[BaseException], ...]:
+    """What a worker raises when the machine cannot hold its step (numpy's ``_ArrayMemoryError``
+    is a ``MemoryError``; CUDA's is ``torch.OutOfMemoryError``)."""
+    import torch
+
+    return (MemoryError, torch.OutOfMemoryError)
+
+
+def out_of_memory_stop() -> Any:
+    """A Ray Train callback that ends the run at a worker's out-of-memory error: a restart runs
+    the same step with the same crop and batch on the same machine and runs out again, so the
+    ``cluster.max_failures`` restarts would only be spent (minutes each) before the same error."""
+    import ray.train
+
+    class OutOfMemoryStop(ray.train.UserCallback):
+        def after_exception(self, run_context: Any, worker_exceptions: dict[int, Exception]) -> None:
+            for error in worker_exceptions.values():
+                if isinstance(error, out_of_memory_errors()):
+                    raise error  # a controller error: Ray Train raises it without a restart
+
+    return OutOfMemoryStop()
 
 
 def fit_with_ray(cfg: DictConfig, loop: Any, loop_config: dict, name: str, storage: str, workers: int,
@@ -342,11 +363,15 @@ def fit_with_ray(cfg: DictConfig, loop: Any, loop_config: dict, name: str, stora
             name=name, storage_path=storage_path, storage_filesystem=filesystem,
             failure_config=ray.train.FailureConfig(max_failures=int(cfg.cluster.max_failures)),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            callbacks=[out_of_memory_stop()],
         ),
     )
     try:
         result = trainer.fit()
     except Exception as err:  # Ray Train's TrainingFailedError after the worker-group restarts
+        stopped = getattr(err, "controller_failure", None)
+        if isinstance(stopped, out_of_memory_errors()):
+            raise stopped from None  # out_of_memory_stop's: run_workers names the knobs to lower
         raise JobFailed(f"training run {name} failed after {int(cfg.cluster.max_failures)} restart(s) "
                         f"allowed: {redact(cause_line(err))}") from err
     if result.error is not None:
