@@ -4,7 +4,7 @@ Usage::
 
     python benchmarks/meta.py [--families ir_vis medical multi_exposure multi_focus]
                               [--algorithm maml] [--meta-steps 100] [--inner-steps 3]
-                              [--pretrain-steps 0] [--cross-losses]
+                              [--pretrain-steps 0] [--cross-losses | --loss-mixture A]
                               [--adapt-steps 200] [--adapt-seeds 1]
                               [--random-steps 1000] [--reference-points 200 300 500]
                               [--data task] [--threads N] [--out benchmarks/results/meta.json]
@@ -18,8 +18,8 @@ as the activity rule, near the optimum of every family's loss, so no initializat
 help it).
 
 1. ``timfusion meta`` learns the initialization on the other families (``--algorithm``,
-   ``--meta-steps`` outer steps, ``--cross-losses`` for task augmentation; the meta defaults
-   otherwise), in-process on all threads;
+   ``--meta-steps`` outer steps, ``--cross-losses`` or ``--loss-mixture`` for task augmentation;
+   the meta defaults otherwise), in-process on all threads;
 2. the multitask baseline: ``timfusion meta meta.algorithm=multitask`` on the same
    families with as many forward/backward passes (``adapt init=multitask``'s rule);
 3. ``timfusion adapt`` to the held-out family from each: meta-init and multitask for
@@ -86,7 +86,7 @@ def _meta_overrides(args: argparse.Namespace, family: str) -> list[str]:
             f"meta.steps={args.meta_steps}", f"meta.exclude=[{family}]",
             f"meta.tasks=[{','.join(META_TASKS)}]", f"meta.seed={args.seed}",
             f"meta.inner_steps={args.inner_steps}", f"meta.pretrain_steps={args.pretrain_steps}",
-            f"meta.cross_losses={str(args.cross_losses).lower()}"]
+            f"meta.cross_losses={str(args.cross_losses).lower()}", f"meta.loss_mixture={args.loss_mixture}"]
 
 
 def _adapt_overrides(args: argparse.Namespace, steps: int, val_every: int | None = None,
@@ -280,6 +280,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cross-losses", action="store_true",
                         help="meta.cross_losses: each meta-task's loss from a family drawn apart from its "
                              "patches' (the multitask baseline gets the same draws)")
+    parser.add_argument("--loss-mixture", type=float, default=0.0,
+                        help="meta.loss_mixture: each meta-task's loss a Dirichlet mixture of the included "
+                             "families' (the multitask baseline gets the same draws); 0: off")
     parser.add_argument("--adapt-steps", type=int, default=200)
     parser.add_argument("--random-steps", type=int, default=1000)
     parser.add_argument("--adapt-seeds", type=int, default=1,

@@ -42,17 +42,19 @@ LossFn = Callable[[nn.Module, Mapping[str, Tensor]], Tensor]
 
 
 def fusion_loss(loss_modules: Mapping[str, nn.Module]) -> Callable[..., LossFn]:
-    """Per task name, ``(network, batch) -> the task's unsupervised loss of network.fuse``;
-    ``pixel_only=True`` keeps its pixel-fidelity terms only (the fidelity warm-up of training,
-    which keeps a fresh network out of contrast-inverted minima)."""
+    """Per task name (or task names weighted: a mixture, :class:`MetaTask`'s ``loss``),
+    ``(network, batch) -> the task's unsupervised loss of network.fuse``; ``pixel_only=True``
+    keeps its pixel-fidelity terms only (the fidelity warm-up of training, which keeps a fresh
+    network out of contrast-inverted minima)."""
 
-    def for_task(name: str, pixel_only: bool = False) -> LossFn:
-        module = loss_modules[name]
+    def for_task(name: str | Mapping[str, float], pixel_only: bool = False) -> LossFn:
+        weighted = [(1.0, loss_modules[name])] if isinstance(name, str) else [
+            (float(weight), loss_modules[task]) for task, weight in name.items()]
 
         def loss(network: nn.Module, batch: Mapping[str, Tensor]) -> Tensor:
-            total, _ = module(batch["a"], batch["b"], network.fuse(batch["a"], batch["b"]),
-                              pixel_only=pixel_only)
-            return total
+            fused = network.fuse(batch["a"], batch["b"])
+            return sum(weight * module(batch["a"], batch["b"], fused, pixel_only=pixel_only)[0]
+                       for weight, module in weighted)
 
         return loss
 

@@ -78,7 +78,8 @@ def meta_worker(config: dict[str, Any]) -> None:
     # A resumed run draws new tasks rather than replaying the first ones.
     sampler = TaskSampler(pools, int(settings["support"]), int(settings["query"]), int(settings["crop"]),
                           seed=seed + 7919 * ctx.rank + 104729 * step,
-                          cross_losses=bool(settings["cross_losses"]))
+                          cross_losses=bool(settings["cross_losses"]),
+                          loss_mixture=float(settings["loss_mixture"]))
     tracker = Tracker(config["tracking_uri"], config["mlflow_run_id"]) if ctx.rank == 0 else None
     steps, meta_batch = pretrain + int(settings["steps"]), int(settings["meta_batch"])
     share = _share(meta_batch, ctx.rank, ctx.world_size)

@@ -154,6 +154,34 @@ def test_cross_losses_draw_the_loss_apart_from_the_patches_from_the_same_familie
                                               cross_losses=True).sample().task
 
 
+def test_loss_mixtures_weigh_one_variant_of_every_included_family(pools):
+    medical_records = pools["mri_ct"][1]
+    kept = {"ir_vis": pools["ir_vis"], "multi_exposure": pools["multi_exposure"],
+            **{name: (build_task(task_config(name)), medical_records) for name in ("mri_ct", "mri_pet")}}
+    mixed = TaskSampler(kept, support=1, query=1, crop=16, seed=0, loss_mixture=1.0)
+    draws = [mixed.sample().loss for _ in range(60)]
+    for weights in draws:
+        assert len(weights) == 3 and {"ir_vis", "multi_exposure"} < set(weights)  # one medical variant
+        assert abs(sum(weights.values()) - 1) < 1e-9 and min(weights.values()) >= 0
+    assert {next(n for n in w if n.startswith("mri")) for w in draws} == {"mri_ct", "mri_pet"}
+    # small concentrations sit near one family's rule, large ones near the average
+    peaked = TaskSampler(kept, support=1, query=1, crop=16, seed=0, loss_mixture=0.05)
+    flat = TaskSampler(kept, support=1, query=1, crop=16, seed=0, loss_mixture=100.0)
+    assert sum(max(peaked.sample().loss.values()) for _ in range(30)) / 30 > 0.9
+    assert max(max(flat.sample().loss.values()) for _ in range(30)) < 0.5
+
+
+def test_a_mixed_loss_is_the_weighted_sum_of_the_families_losses(pools):
+    loss_for = _losses(pools)
+    torch.manual_seed(0)
+    network = FusionNetwork("compact")
+    sampler = TaskSampler(pools, support=2, query=2, crop=16, seed=0)
+    batch = sampler.sample().support
+    weights = {"ir_vis": 0.25, "multi_focus": 0.75}
+    expected = sum(w * loss_for(name)(network, batch) for name, w in weights.items())
+    assert torch.allclose(loss_for(weights)(network, batch), expected)
+
+
 def _meta(*overrides: str) -> dict:
     from timfusion.platform.jobs.meta import meta
 
@@ -289,6 +317,13 @@ def test_a_meta_run_with_cross_losses_trains_and_says_so(workdir):
     assert job_tags(result)["cross_losses"] == "true"
 
 
+def test_a_meta_run_with_loss_mixtures_trains_and_says_so(workdir):
+    result = _meta("cluster=none", "meta.steps=2", "meta.meta_batch=2", "meta.algorithm=reptile",
+                   "meta.loss_mixture=0.5", "name=m8")
+    assert [m.step for m in job_metric_history(result, "query_loss/after")] == [1, 2]
+    assert job_tags(result)["loss_mixture"] == "0.5"
+
+
 def test_adapt_from_multitask_trains_the_baseline_with_matching_compute(workdir):
     from mlflow.tracking import MlflowClient
 
@@ -340,11 +375,19 @@ def test_meta_on_two_ray_train_workers_averages_and_checkpoints(ray_cluster, wor
         ("meta.pretrain_steps=-1", "meta.pretrain_steps must be >= 0, got -1"),
         ("meta.cross_losses=sometimes", "cross_losses=sometimes: expected true or false (default false)"),
         ("meta.inner_steps=3.5", "meta.inner_steps=3.5: expected an integer (default 3)"),
+        ("meta.loss_mixture=-1", "meta.loss_mixture must be >= 0, got -1"),
+        ("meta.loss_mixture=inf", "meta.loss_mixture=inf: expected a finite Dirichlet concentration >= 0"),
     ],
 )
 def test_bad_meta_configs_fail_before_any_work(workdir, override, expected):
     with pytest.raises(UserError, match=re.escape(expected)):
         _meta("cluster.num_workers=2", override)
+    assert not (workdir / "runs").exists()
+
+
+def test_loss_mixtures_and_crossed_losses_are_one_at_a_time(workdir):
+    with pytest.raises(UserError, match=re.escape("meta.loss_mixture=1.0 with meta.cross_losses=true")):
+        _meta("meta.loss_mixture=1", "meta.cross_losses=true")
     assert not (workdir / "runs").exists()
 
 

@@ -30,6 +30,7 @@ from timfusion.platform.tracking import Tracker, tracking_uri
 from timfusion.platform.training import record_run
 from timfusion.tasks import build_task
 from timfusion.tasks.datasets import fingerprint
+from timfusion.tasks.imageio import atomic_write_text
 
 RUN_ID = re.compile(r"[0-9a-f]{32}")
 
@@ -49,9 +50,12 @@ def check_meta_settings(settings: DictConfig) -> None:
                  at_least_one=("steps", "meta_batch", "inner_steps", "support", "query", "crop", "log_every",
                                "checkpoint_every"),
                  positive=("inner_lr", "outer_lr", "grad_clip"),
-                 non_negative=("fidelity_warmup_steps", "pretrain_steps"), seeds=("seed",))
+                 non_negative=("fidelity_warmup_steps", "pretrain_steps", "loss_mixture"), seeds=("seed",))
     if not settings.tasks:
         raise UserError("meta.tasks: give at least one task")
+    from timfusion.meta.sampler import check_loss_draw
+
+    check_loss_draw(bool(settings.cross_losses), float(settings.loss_mixture))
 
 
 @command("meta", config="meta", summary="meta-initialization over fusion tasks (learn2learn) on Ray Train")
@@ -88,6 +92,7 @@ def meta(cfg: DictConfig) -> dict[str, Any]:
         tags = {"job": "meta", "algorithm": str(settings.algorithm), "genotype": genotype.name,
                 "pretrain_steps": str(settings.pretrain_steps),
                 "cross_losses": str(settings.cross_losses).lower(),
+                "loss_mixture": str(settings.loss_mixture),
                 "tasks": ",".join(sorted(pools)), "exclude": ",".join(str(e) for e in settings.exclude),
                 "dataset_fingerprint": fingerprint(every)}
         tracker = Tracker.start({**resolved["tracking"], "uri": tracking_uri(cfg.tracking.uri)}, name, tags,
@@ -191,7 +196,7 @@ def adapt(cfg: DictConfig) -> dict[str, Any]:
                 _, stored, _ = load_network(reference, cfg.tracking.uri)
                 path = Path(str(cfg.workdir)).resolve() / "genotypes" / f"{stored.name}.json"
                 path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_text(stored.to_json())
+                atomic_write_text(path, stored.to_json())  # concurrent adapts may read it
                 cfg.genotype = str(path)
         load_genotype(str(cfg.genotype))
         cfg.tags = {**to_container(cfg.tags), **tags}
