@@ -48,8 +48,8 @@ def fusion_loss(loss_modules: Mapping[str, nn.Module]) -> Callable[..., LossFn]:
     network out of contrast-inverted minima)."""
 
     def for_task(name: str | Mapping[str, float], pixel_only: bool = False) -> LossFn:
-        weighted = [(1.0, loss_modules[name])] if isinstance(name, str) else [
-            (float(weight), loss_modules[task]) for task, weight in name.items()]
+        weights = {name: 1.0} if isinstance(name, str) else name
+        weighted = [(float(weight), loss_modules[task]) for task, weight in weights.items()]
 
         def loss(network: nn.Module, batch: Mapping[str, Tensor]) -> Tensor:
             fused = network.fuse(batch["a"], batch["b"])

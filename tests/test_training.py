@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from helpers import default_store, job_metric_history, job_tags
@@ -154,21 +155,33 @@ def test_a_resumed_run_is_compared_on_what_both_sides_record():
         check_resumed(info, {"task": "medical", "genotype": {"name": "compact", "cells": [1, 3]}}, "r")
 
 
-def test_running_out_of_memory_is_one_line_naming_the_knobs(workdir, monkeypatch):
-    """A patch or batch too large for this machine (train.crop=100000 asks numpy for 37 GiB): the
-    run is marked FAILED and the line says what to lower. The allocation itself is not made here:
-    where memory is overcommitted it would succeed and the OOM killer would end the tests."""
-    from mlflow.tracking import MlflowClient
+OUT_OF_MEMORY_LINE = (r"run hungry: out of memory \(MemoryError: Unable to allocate 37.3 GiB.*\); "
+                      r"lower train.crop or train.batch_size")
 
-    from timfusion.platform.errors import JobFailed
+
+def starve_training(monkeypatch, attempts: Path) -> None:
+    """Training's worker loop replaced by one that logs its start to ``attempts`` and runs out of
+    memory. The allocation itself is not made: where memory is overcommitted it would succeed
+    and the OOM killer would end the tests."""
     from timfusion.platform.jobs import train as job
 
     def starved(config: dict) -> None:
+        with attempts.open("a") as log:
+            log.write("started\n")
         raise MemoryError("Unable to allocate 37.3 GiB for an array with shape (100000, 100000)")
 
     monkeypatch.setattr(job, "train_worker", starved)
-    with pytest.raises(JobFailed, match=r"run hungry: out of memory \(MemoryError: Unable to allocate 37.3 "
-                                        r"GiB.*\); lower train.crop or train.batch_size"):
+
+
+def test_running_out_of_memory_is_one_line_naming_the_knobs(workdir, monkeypatch):
+    """A patch or batch too large for this machine (train.crop=100000 asks numpy for 37 GiB): the
+    run is marked FAILED and the line says what to lower."""
+    from mlflow.tracking import MlflowClient
+
+    from timfusion.platform.errors import JobFailed
+
+    starve_training(monkeypatch, workdir / "attempts.txt")
+    with pytest.raises(JobFailed, match=OUT_OF_MEMORY_LINE):
         run_train("cluster=none", "name=hungry", "train.steps=2")
     client = MlflowClient(f"sqlite:///{workdir / 'runs' / 'mlflow.db'}")
     [run] = client.search_runs(client.search_experiments()[0].experiment_id)
@@ -179,17 +192,9 @@ def test_running_out_of_memory_on_ray_spends_no_restart(ray_cluster, workdir, mo
     """On Ray Train the same error ends the run at its first attempt: a restart would run the same
     step on the same machine and run out again, after minutes spent on each of max_failures."""
     from timfusion.platform.errors import JobFailed
-    from timfusion.platform.jobs import train as job
 
     attempts = workdir / "attempts.txt"
-
-    def starved(config: dict) -> None:
-        with attempts.open("a") as log:
-            log.write("started\n")
-        raise MemoryError("Unable to allocate 37.3 GiB for an array with shape (100000, 100000)")
-
-    monkeypatch.setattr(job, "train_worker", starved)
-    with pytest.raises(JobFailed, match=r"run hungry: out of memory \(MemoryError: Unable to allocate 37.3 "
-                                        r"GiB.*\); lower train.crop or train.batch_size"):
+    starve_training(monkeypatch, attempts)
+    with pytest.raises(JobFailed, match=OUT_OF_MEMORY_LINE):
         run_train("cluster.num_workers=1", "cluster.max_failures=2", "name=hungry", "train.steps=2")
     assert attempts.read_text().splitlines() == ["started"]
