@@ -40,6 +40,15 @@ def cause_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {lines[-1] if lines else 'no message'}"
 
 
+def out_of_memory_errors() -> tuple[type[BaseException], ...]:
+    """What a worker raises when the machine cannot hold its step (numpy's ``_ArrayMemoryError``
+    is a ``MemoryError``; CUDA's is ``torch.OutOfMemoryError``). A function, so that importing
+    this module does not import torch."""
+    import torch
+
+    return (MemoryError, torch.OutOfMemoryError)
+
+
 _BOUNDS = {"at_least_one": (">= 1", lambda v: v >= 1), "non_negative": (">= 0", lambda v: v >= 0),
            "positive": ("> 0", lambda v: v > 0),
            "seeds": (f"an integer in 0..{2**32 - 1}", lambda v: isinstance(v, int) and 0 <= v < 2**32)}

@@ -9,7 +9,8 @@ reports ``score`` (the validation objective plus ``tune.cost_penalty`` x the nor
 expected MACs, so trials with different lambdas compare on one scale), ``val_loss``,
 ``cost`` and ``macs`` (of the genotype derived at that point) with a checkpoint, so ASHA
 can stop it and a restored search continues it. Each trial is an MLflow run, child of the
-search's run: its hyperparameters, metrics, alpha heatmap and derived genotype.
+search's run: its hyperparameters, metrics, alpha heatmap and derived genotype. A trial that runs
+out of memory ends at once (not restarted), its run FAILED with the tag ``out_of_memory``.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from timfusion.platform.errors import cause_line, out_of_memory_errors
 from timfusion.tasks import build_task
 from timfusion.tasks.datasets import PairedDataset, PairRecord
 
@@ -143,37 +145,44 @@ def search_trial(config: dict[str, Any]) -> None:
     penalty = float(config["cost_penalty"])
     started = time.perf_counter()
     window: dict[str, list[float]] = {}
-    while search.step_count < steps:
-        logged = search.step(next(train_batches), next(val_batches))
-        for key, value in logged.items():
-            window.setdefault(key, []).append(value)
-        if search.step_count % every and search.step_count < steps:
-            continue
-        metrics = {_metric_name(k): float(np.mean(v)) for k, v in window.items()}
-        window.clear()
-        if "val_loss" not in metrics:  # no upper step in this window (the warm-up)
-            metrics["val_loss"] = search.validate(next(val_batches))
-        expected_macs = float(supernet.expected_cost(macs_table).detach()) / macs_max
-        genotype = derive_genotype(supernet, settings, name=f"{space.name}-trial")
-        macs = count_macs(FusionNetwork(genotype), *settings.cost_size, full=False)
-        metrics.update(
-            score=metrics["val_loss"] + penalty * expected_macs,
-            expected_macs=expected_macs,
-            macs=float(macs),
-            step=search.step_count,
-            seconds=time.perf_counter() - started,
-        )
-        if search.step_count > logged_until:  # logged before the restore: the first values stay
-            tracker.log_metrics(metrics, step=search.step_count)
-        done = search.step_count >= steps
-        if done:
-            tracker.log_text(genotype.to_json(), "genotype/genotype.json")
-            tracker.log_bytes(alpha_heatmap(search.history, space.candidates, positions), "search/alphas.png")
-            tracker.log_text(json.dumps(search.supernet.alpha_matrix().tolist()), "search/alphas.json")
-            tracker.finish()
-        with tempfile.TemporaryDirectory() as folder:
-            torch.save({"search": search.state_dict(), "info": info}, Path(folder) / TRIAL_STATE)
-            ray.tune.report(
-                {**metrics, "genotype": genotype.to_json(), "mlflow_run_id": tracker.run_id},
-                checkpoint=ray.tune.Checkpoint.from_directory(folder),
+    try:
+        while search.step_count < steps:
+            logged = search.step(next(train_batches), next(val_batches))
+            for key, value in logged.items():
+                window.setdefault(key, []).append(value)
+            if search.step_count % every and search.step_count < steps:
+                continue
+            metrics = {_metric_name(k): float(np.mean(v)) for k, v in window.items()}
+            window.clear()
+            if "val_loss" not in metrics:  # no upper step in this window (the warm-up)
+                metrics["val_loss"] = search.validate(next(val_batches))
+            expected_macs = float(supernet.expected_cost(macs_table).detach()) / macs_max
+            genotype = derive_genotype(supernet, settings, name=f"{space.name}-trial")
+            macs = count_macs(FusionNetwork(genotype), *settings.cost_size, full=False)
+            metrics.update(
+                score=metrics["val_loss"] + penalty * expected_macs,
+                expected_macs=expected_macs,
+                macs=float(macs),
+                step=search.step_count,
+                seconds=time.perf_counter() - started,
             )
+            if search.step_count > logged_until:  # logged before the restore: the first values stay
+                tracker.log_metrics(metrics, step=search.step_count)
+            done = search.step_count >= steps
+            if done:
+                tracker.log_text(genotype.to_json(), "genotype/genotype.json")
+                heatmap = alpha_heatmap(search.history, space.candidates, positions)
+                tracker.log_bytes(heatmap, "search/alphas.png")
+                tracker.log_text(json.dumps(search.supernet.alpha_matrix().tolist()), "search/alphas.json")
+                tracker.finish()
+            with tempfile.TemporaryDirectory() as folder:
+                torch.save({"search": search.state_dict(), "info": info}, Path(folder) / TRIAL_STATE)
+                ray.tune.report(
+                    {**metrics, "genotype": genotype.to_json(), "mlflow_run_id": tracker.run_id},
+                    checkpoint=ray.tune.Checkpoint.from_directory(folder),
+                )
+    except out_of_memory_errors() as err:
+        # Tune restarts a trial that raises, and a restart runs out again: the trial ends here,
+        # reporting nothing more, and its MLflow run says why (the search leaves it out of the choice)
+        tracker.set_tags({"out_of_memory": cause_line(err)})
+        tracker.finish("FAILED")

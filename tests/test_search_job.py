@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -99,6 +100,65 @@ def test_multi_objective_search_writes_a_pareto_front(ray_cluster, workdir):
     folder = workdir / "outputs" / "search" / "pareto"
     assert (folder / "pareto.md").exists() and (folder / "pareto.png").read_bytes()[:4] == b"\x89PNG"
     assert result["chosen"] in result["front"]
+
+
+def starve_wide_trials(monkeypatch, attempts: Path) -> None:
+    """Search trials whose supernet is 16 wide log their start to ``attempts`` and run out of memory
+    at their first step, in the Ray worker (the allocation itself is not made: see
+    tests/test_training.py::starve_training); trials 8 wide run as usual."""
+    from timfusion.platform.jobs import search as job
+
+    def trainable(params: dict, base: dict) -> None:
+        from timfusion.platform.searching import search_trial
+        from timfusion.search_spaces.bilevel import BilevelSearch
+
+        step = BilevelSearch.step
+
+        def starved(self, *batches):
+            with attempts.open("a") as log:
+                log.write(f"{params['width']}\n")
+            raise MemoryError("Unable to allocate 37.3 GiB for an array with shape (100000, 100000)")
+
+        if params["width"] == 16:
+            BilevelSearch.step = starved
+        try:
+            search_trial({**base, "params": params})
+        finally:  # the actor is reused for the next trial
+            BilevelSearch.step = step
+
+    monkeypatch.setattr(job, "_trainable", trainable)
+
+
+def test_a_trial_out_of_memory_is_not_retried_and_left_out_of_the_choice(ray_cluster, workdir, monkeypatch):
+    """A restart would run out again: the trial runs once (with restarts allowed), its MLflow run is
+    FAILED and kept, and the search chooses among the others; when every trial ran out of memory,
+    one line names the knobs to lower."""
+    from mlflow.tracking import MlflowClient
+
+    from timfusion.platform.errors import JobFailed
+
+    attempts = workdir / "attempts.txt"
+    starve_wide_trials(monkeypatch, attempts)
+    widths = ["~tune.space", "+tune.space={width: {type: categorical, choices: [8, 16]}}"]
+    result = run_search("trials=4", "steps=2", "report_every=2", "cluster.max_failures=2",
+                        "retrain.enabled=false", "name=wide", *widths)
+    drawn = [json.loads(r["params"])["width"] for r in result["rows"]]
+    starved = attempts.read_text().split()
+    assert drawn and starved and set(drawn) == {8} and set(starved) == {"16"}
+    assert len(drawn) + len(starved) == 4  # each trial once: no restart of a starved one
+    trials = [r for r in _children(result) if r.data.tags.get("job") == "search-trial"]
+    failed = [r for r in trials if r.info.status == "FAILED"]
+    assert len(trials) == 4 and len(failed) == len(starved)
+    assert all(r.data.tags["out_of_memory"].startswith("MemoryError: Unable to allocate") for r in failed)
+    client = MlflowClient(result["tracking_uri"])
+    assert client.get_run(result["run_id"]).data.tags["out_of_memory_trials"] == str(len(starved))
+
+    line = (r"search narrow: every trial ran out of memory \(MemoryError: Unable to allocate 37.3 GiB.*\); "
+            r"lower crop or batch_size, the width or cells in tune.space, or cluster.max_concurrent_trials")
+    with pytest.raises(JobFailed, match=line):
+        run_search("trials=1", "steps=2", "report_every=2", "retrain.enabled=false", "name=narrow",
+                   "~tune.space", "+tune.space={width: {type: categorical, choices: [16]}}")
+    assert attempts.read_text().split().count("16") == len(starved) + 1
 
 
 def test_pareto_front_keeps_the_undominated_points():

@@ -19,7 +19,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from timfusion.platform.config import compose, to_container
-from timfusion.platform.errors import UserError, check_bounds, naming
+from timfusion.platform.errors import JobFailed, UserError, cause_line, check_bounds, naming
 from timfusion.platform.jobs import command
 from timfusion.platform.jobs.common import task_from
 from timfusion.platform.jobs.registry import check_register, register_after
@@ -33,7 +33,7 @@ from timfusion.platform.jobs.train import (
     training_records,
 )
 from timfusion.platform.report import markdown_table
-from timfusion.platform.storage import job_storage, ray_storage
+from timfusion.platform.storage import job_storage, ray_storage, redact
 from timfusion.platform.tracking import Tracker, tracking_uri
 from timfusion.platform.training import read_run_info, record_run
 from timfusion.tasks.datasets import fingerprint
@@ -259,8 +259,7 @@ def search(cfg: DictConfig) -> dict[str, Any]:
                 f"search {name} interrupted: {grid.num_terminated} of {int(cfg.trials)} trials finished; "
                 f"continue it with resume=true name={name}"
             )
-        rows = _rows(grid, tracker.uri, int(cfg.steps))
-        discard_lost_attempts(tracker, {row["mlflow_run_id"] for row in rows})
+        rows = _trial_results(grid, tracker, int(cfg.steps), name)
         chosen, front = _choose(rows, bool(cfg.tune.multi_objective))
         _write_results(cfg, run_dir, tracker, rows, chosen, front)
     except (SearchInterrupted, KeyboardInterrupt):
@@ -364,13 +363,16 @@ def _run_tuner(cfg: DictConfig, base: dict[str, Any], domains: dict[str, Any], n
     return tuner.fit()
 
 
-def _rows(grid, uri: str, steps: int) -> list[dict[str, Any]]:
+def _rows(grid, uri: str, steps: int, starved: set[str]) -> list[dict[str, Any]]:
+    """The trials' rows, best score first; not those of the MLflow runs ``starved`` (out of memory:
+    a trial that cannot run on this machine is left out of the choice)."""
     rows = []
     for result in grid:
         if result.error is not None:
-            raise RuntimeError(f"search trial {result.path} failed: {result.error}")
+            trial = Path(result.path).name
+            raise JobFailed(f"search trial {trial} failed: {redact(cause_line(result.error))}")
         metrics = result.metrics or {}
-        if "genotype" not in metrics:
+        if "genotype" not in metrics or metrics["mlflow_run_id"] in starved:
             continue
         stopped = int(metrics["step"]) < steps
         if stopped:  # ASHA stopped it: close its MLflow run with the state it reached
@@ -392,20 +394,43 @@ def _rows(grid, uri: str, steps: int) -> list[dict[str, Any]]:
                 "mlflow_run_id": metrics["mlflow_run_id"],
             }
         )
-    if not rows:
-        raise RuntimeError("no search trial reported a result")
     return sorted(rows, key=lambda r: r["score"])
 
 
-def discard_lost_attempts(tracker: Tracker, kept: set[str]) -> None:
-    """Delete the search's trial runs that no result comes from: attempts that died before their
-    first checkpoint (a killed driver, a lost node) and started again as a new run. The search
-    then lists every trial once."""
+def _trial_results(grid, tracker: Tracker, steps: int, name: str) -> list[dict[str, Any]]:
+    """The rows of the trials that can be chosen; the MLflow runs of lost attempts deleted."""
+    trials = trial_runs(tracker)
+    starved = {r.info.run_id: r.data.tags["out_of_memory"] for r in trials if "out_of_memory" in r.data.tags}
+    rows = _rows(grid, tracker.uri, steps, set(starved))
+    tracker.set_tags({"out_of_memory_trials": len(starved)})
+    for run in trials:
+        if run.info.run_id in starved:
+            cause = starved[run.info.run_id]
+            print(f"trial {run.info.run_name} ran out of memory ({cause}); left out of the choice")
+    if not rows and starved:
+        raise JobFailed(
+            f"search {name}: every trial ran out of memory ({next(iter(starved.values()))}); lower crop or "
+            "batch_size, the width or cells in tune.space, or cluster.max_concurrent_trials"
+        )
+    if not rows:
+        raise RuntimeError("no search trial reported a result")
+    discard_lost_attempts(tracker, trials, {row["mlflow_run_id"] for row in rows} | set(starved))
+    return rows
+
+
+def trial_runs(tracker: Tracker) -> list[Any]:
+    """The MLflow runs of the search's trials, every attempt's."""
     parent = tracker.client.get_run(tracker.run_id)
-    children = tracker.client.search_runs(
+    return tracker.client.search_runs(
         [parent.info.experiment_id], f"tags.parent_run_id = '{tracker.run_id}' and tags.job = 'search-trial'"
     )
-    for run in children:
+
+
+def discard_lost_attempts(tracker: Tracker, trials: list[Any], kept: set[str]) -> None:
+    """Delete the trial runs (of ``trial_runs``) that no result comes from: attempts that died
+    before their first checkpoint (a killed driver, a lost node) and started again as a new run.
+    The search then lists every trial once."""
+    for run in trials:
         if run.info.run_id not in kept and run.info.status != "FINISHED":
             tracker.client.delete_run(run.info.run_id)
 

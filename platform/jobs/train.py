@@ -14,7 +14,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from timfusion.platform.config import shared_root, to_container
-from timfusion.platform.errors import JobFailed, UserError, cause_line, check_bounds
+from timfusion.platform.errors import JobFailed, UserError, cause_line, check_bounds, out_of_memory_errors
 from timfusion.platform.jobs import command
 from timfusion.platform.jobs.common import task_from
 from timfusion.platform.jobs.registry import check_register, register_after
@@ -319,14 +319,6 @@ def run_workers(cfg: DictConfig, loop: Any, loop_config: dict, name: str, storag
     except BaseException:
         tracker.finish("FAILED")
         raise
-
-
-def out_of_memory_errors() -> tuple[type[BaseException], ...]:
-    """What a worker raises when the machine cannot hold its step (numpy's ``_ArrayMemoryError``
-    is a ``MemoryError``; CUDA's is ``torch.OutOfMemoryError``)."""
-    import torch
-
-    return (MemoryError, torch.OutOfMemoryError)
 
 
 def out_of_memory_stop() -> Any:
