@@ -11,6 +11,10 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("TIMFUSION_SHARED", REPO.parent / "shared"))
+# What numpy says when a step asks this machine for too much; the tests that run out of memory
+# raise it rather than make the allocation (where memory is overcommitted that would succeed and
+# the OOM killer would end the tests)
+STARVED = "Unable to allocate 37.3 GiB for an array with shape (100000, 100000)"
 
 
 def need_shared(*parts: str) -> Path:

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from helpers import STARVED
 
 from timfusion.platform.config import compose
 from timfusion.platform.errors import UserError
@@ -104,8 +105,7 @@ def test_multi_objective_search_writes_a_pareto_front(ray_cluster, workdir):
 
 def starve_wide_trials(monkeypatch, attempts: Path) -> None:
     """Search trials whose supernet is 16 wide log their start to ``attempts`` and run out of memory
-    at their first step, in the Ray worker (the allocation itself is not made: see
-    tests/test_training.py::starve_training); trials 8 wide run as usual."""
+    at their first step, in the Ray worker (``helpers.STARVED``); trials 8 wide run as usual."""
     from timfusion.platform.jobs import search as job
 
     def trainable(params: dict, base: dict) -> None:
@@ -117,7 +117,7 @@ def starve_wide_trials(monkeypatch, attempts: Path) -> None:
         def starved(self, *batches):
             with attempts.open("a") as log:
                 log.write(f"{params['width']}\n")
-            raise MemoryError("Unable to allocate 37.3 GiB for an array with shape (100000, 100000)")
+            raise MemoryError(STARVED)
 
         if params["width"] == 16:
             BilevelSearch.step = starved

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from helpers import default_store, job_metric_history, job_tags
+from helpers import STARVED, default_store, job_metric_history, job_tags
 
 from timfusion.platform.config import compose
 from timfusion.platform.errors import UserError
@@ -161,14 +161,13 @@ OUT_OF_MEMORY_LINE = (r"run hungry: out of memory \(MemoryError: Unable to alloc
 
 def starve_training(monkeypatch, attempts: Path) -> None:
     """Training's worker loop replaced by one that logs its start to ``attempts`` and runs out of
-    memory. The allocation itself is not made: where memory is overcommitted it would succeed
-    and the OOM killer would end the tests."""
+    memory (``helpers.STARVED``)."""
     from timfusion.platform.jobs import train as job
 
     def starved(config: dict) -> None:
         with attempts.open("a") as log:
             log.write("started\n")
-        raise MemoryError("Unable to allocate 37.3 GiB for an array with shape (100000, 100000)")
+        raise MemoryError(STARVED)
 
     monkeypatch.setattr(job, "train_worker", starved)
 
