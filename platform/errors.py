@@ -40,6 +40,11 @@ def cause_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {lines[-1] if lines else 'no message'}"
 
 
+OUT_OF_MEMORY = "out_of_memory"
+"""The MLflow tag, and the key of a search trial's last Tune result, that says a run ran out of
+memory (its value: the cause line)."""
+
+
 def out_of_memory_errors() -> tuple[type[BaseException], ...]:
     """What a worker raises when the machine cannot hold its step (numpy's ``_ArrayMemoryError``
     is a ``MemoryError``; CUDA's is ``torch.OutOfMemoryError``). A function, so that importing

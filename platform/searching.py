@@ -10,7 +10,9 @@ expected MACs, so trials with different lambdas compare on one scale), ``val_los
 ``cost`` and ``macs`` (of the genotype derived at that point) with a checkpoint, so ASHA
 can stop it and a restored search continues it. Each trial is an MLflow run, child of the
 search's run: its hyperparameters, metrics, alpha heatmap and derived genotype. A trial that runs
-out of memory ends at once (not restarted), its run FAILED with the tag ``out_of_memory``.
+out of memory ends at once (not restarted), its run FAILED with the tag ``out_of_memory``, and
+reports once more with that key and NaN scores, so the searcher
+(:class:`~timfusion.platform.samplers.TrialSearcher`) does not take its last score for a result.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from timfusion.platform.errors import cause_line, out_of_memory_errors
+from timfusion.platform.errors import OUT_OF_MEMORY, cause_line, out_of_memory_errors
 from timfusion.tasks import build_task
 from timfusion.tasks.datasets import PairedDataset, PairRecord
 
@@ -182,7 +184,12 @@ def search_trial(config: dict[str, Any]) -> None:
                     checkpoint=ray.tune.Checkpoint.from_directory(folder),
                 )
     except out_of_memory_errors() as err:
-        # Tune restarts a trial that raises, and a restart runs out again: the trial ends here,
-        # reporting nothing more, and its MLflow run says why (the search leaves it out of the choice)
-        tracker.set_tags({"out_of_memory": cause_line(err)})
+        # Tune restarts a trial that raises, and a restart runs out again: the trial ends here, its
+        # MLflow run says why (the search leaves it out of the choice), and its last result too
+        cause = cause_line(err)
+        tracker.set_tags({OUT_OF_MEMORY: cause})
         tracker.finish("FAILED")
+        unscored = {key: float("nan") for key in ("score", "val_loss", "macs")}
+        ray.tune.report(
+            {**unscored, OUT_OF_MEMORY: cause, "step": search.step_count, "mlflow_run_id": tracker.run_id}
+        )

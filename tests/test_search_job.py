@@ -103,9 +103,10 @@ def test_multi_objective_search_writes_a_pareto_front(ray_cluster, workdir):
     assert result["chosen"] in result["front"]
 
 
-def starve_wide_trials(monkeypatch, attempts: Path) -> None:
-    """Search trials whose supernet is 16 wide log their start to ``attempts`` and run out of memory
-    at their first step, in the Ray worker (``helpers.STARVED``); trials 8 wide run as usual."""
+def starve_wide_trials(monkeypatch, attempts: Path, from_step: int = 0) -> None:
+    """Search trials whose supernet is 16 wide run out of memory at step ``from_step`` + 1 (after
+    their reports until then), in the Ray worker (``helpers.STARVED``), and log it to ``attempts``;
+    trials 8 wide run as usual."""
     from timfusion.platform.jobs import search as job
 
     def trainable(params: dict, base: dict) -> None:
@@ -115,6 +116,8 @@ def starve_wide_trials(monkeypatch, attempts: Path) -> None:
         step = BilevelSearch.step
 
         def starved(self, *batches):
+            if self.step_count < from_step:
+                return step(self, *batches)
             with attempts.open("a") as log:
                 log.write(f"{params['width']}\n")
             raise MemoryError(STARVED)
@@ -131,16 +134,19 @@ def starve_wide_trials(monkeypatch, attempts: Path) -> None:
 
 def test_a_trial_out_of_memory_is_not_retried_and_left_out_of_the_choice(ray_cluster, workdir, monkeypatch):
     """A restart would run out again: the trial runs once (with restarts allowed), its MLflow run is
-    FAILED and kept, and the search chooses among the others; when every trial ran out of memory,
-    one line names the knobs to lower."""
+    FAILED and kept, Optuna holds it infeasible (not COMPLETE with the score it reported before),
+    and the search chooses among the others; when every trial ran out of memory, one line names
+    the knobs to lower."""
     from mlflow.tracking import MlflowClient
+    from optuna.trial import TrialState
 
     from timfusion.platform.errors import JobFailed
+    from timfusion.platform.samplers import TrialSearcher
 
     attempts = workdir / "attempts.txt"
-    starve_wide_trials(monkeypatch, attempts)
+    starve_wide_trials(monkeypatch, attempts, from_step=1)
     widths = ["~tune.space", "+tune.space={width: {type: categorical, choices: [8, 16]}}"]
-    result = run_search("trials=4", "steps=2", "report_every=2", "cluster.max_failures=2",
+    result = run_search("trials=4", "steps=2", "report_every=1", "cluster.max_failures=2",
                         "retrain.enabled=false", "name=wide", *widths)
     drawn = [json.loads(r["params"])["width"] for r in result["rows"]]
     starved = attempts.read_text().split()
@@ -152,6 +158,13 @@ def test_a_trial_out_of_memory_is_not_retried_and_left_out_of_the_choice(ray_clu
     assert all(r.data.tags["out_of_memory"].startswith("MemoryError: Unable to allocate") for r in failed)
     client = MlflowClient(result["tracking_uri"])
     assert client.get_run(result["run_id"]).data.tags["out_of_memory_trials"] == str(len(starved))
+    searcher = TrialSearcher()  # the Optuna study, as Tune saved it with the experiment
+    searcher.restore_from_dir(str(next(workdir.rglob("wide/searcher-state-*.pkl")).parent))
+    told = {t.number: (t.params["width"], t.state, t.constraints) for t in searcher._ot_study.trials}
+    assert sorted(told.values(), key=lambda t: t[0]) == sorted(
+        [(8, TrialState.COMPLETE, {})] * len(drawn)
+        + [(16, TrialState.PRUNED, {"out_of_memory": 1.0})] * len(starved), key=lambda t: t[0]
+    )
 
     line = (r"search narrow: every trial ran out of memory \(MemoryError: Unable to allocate 37.3 GiB.*\); "
             r"lower crop or batch_size, the width or cells in tune.space, or cluster.max_concurrent_trials")
@@ -260,3 +273,26 @@ def test_nsga2_sampler_survives_pickling_and_keeps_sampling():
     assert len(study.trials) == 10 and len(study.best_trials) >= 1
     again = pickle.loads(pickle.dumps(sampler))  # after sampling too, with its caches filled
     assert again.__dict__.keys() == sampler.__dict__.keys()
+
+
+def test_asha_rungs_take_no_result_of_a_trial_out_of_memory():
+    """A starved trial's last result (NaN scores) stays out of the rungs: no NaN-only cutoff (numpy
+    warns of an all-NaN slice), and the trials that fit are still cut by each other's scores."""
+    import warnings
+    from types import SimpleNamespace
+
+    from timfusion.platform.samplers import TrialScheduler
+
+    scheduler = TrialScheduler(time_attr="training_iteration", metric="score", mode="min", max_t=4,
+                               grace_period=1, reduction_factor=2)
+    starved, best, worse = (SimpleNamespace(trial_id=name) for name in ("starved", "best", "worse"))
+    for trial in (starved, best, worse):
+        scheduler.on_trial_add(None, trial)
+    nan = float("nan")
+    starved_result = {"training_iteration": 1, "score": nan, "out_of_memory": f"MemoryError: {STARVED}"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert scheduler.on_trial_result(None, starved, starved_result) == TrialScheduler.CONTINUE
+        scheduler.on_trial_complete(None, starved, starved_result)
+        assert scheduler.on_trial_result(None, best, {"training_iteration": 1, "score": 0.5}) == "CONTINUE"
+        assert scheduler.on_trial_result(None, worse, {"training_iteration": 1, "score": 0.9}) == "STOP"

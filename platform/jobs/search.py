@@ -19,7 +19,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from timfusion.platform.config import compose, to_container
-from timfusion.platform.errors import JobFailed, UserError, cause_line, check_bounds, naming
+from timfusion.platform.errors import OUT_OF_MEMORY, JobFailed, UserError, cause_line, check_bounds, naming
 from timfusion.platform.jobs import command
 from timfusion.platform.jobs.common import task_from
 from timfusion.platform.jobs.registry import check_register, register_after
@@ -301,8 +301,6 @@ def search(cfg: DictConfig) -> dict[str, Any]:
 
 def _run_tuner(cfg: DictConfig, base: dict[str, Any], domains: dict[str, Any], name: str, storage: str):
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search.optuna import OptunaSearch
 
     init_ray(cfg.cluster)
     trainable = tune.with_resources(
@@ -319,19 +317,19 @@ def _run_tuner(cfg: DictConfig, base: dict[str, Any], domains: dict[str, Any], n
         return tuner.fit()
     import optuna
 
-    from timfusion.platform.samplers import NSGAIISampler
+    from timfusion.platform.samplers import NSGAIISampler, TrialScheduler, TrialSearcher
 
     seed = int(cfg.seed)
     if cfg.tune.multi_objective:
-        searcher = OptunaSearch(
+        searcher = TrialSearcher(
             metric=["val_loss", "macs"], mode=["min", "min"], sampler=NSGAIISampler(seed=seed)
         )
         scheduler, metric, mode = None, None, None
     else:
-        searcher = OptunaSearch(metric="score", mode="min", sampler=optuna.samplers.TPESampler(seed=seed))
+        searcher = TrialSearcher(metric="score", mode="min", sampler=optuna.samplers.TPESampler(seed=seed))
         asha = cfg.tune.asha
         scheduler = (
-            ASHAScheduler(
+            TrialScheduler(
                 time_attr="training_iteration",
                 max_t=max(1, -(-int(cfg.steps) // int(cfg.report_every))),
                 grace_period=int(asha.grace_period),
@@ -363,16 +361,16 @@ def _run_tuner(cfg: DictConfig, base: dict[str, Any], domains: dict[str, Any], n
     return tuner.fit()
 
 
-def _rows(grid, uri: str, steps: int, starved: set[str]) -> list[dict[str, Any]]:
-    """The trials' rows, best score first; not those of the MLflow runs ``starved`` (out of memory:
-    a trial that cannot run on this machine is left out of the choice)."""
+def _rows(grid, uri: str, steps: int) -> list[dict[str, Any]]:
+    """The trials' rows, best score first; not those of trials that ran out of memory (a trial
+    that cannot run on this machine is left out of the choice)."""
     rows = []
     for result in grid:
         if result.error is not None:
             trial = Path(result.path).name
             raise JobFailed(f"search trial {trial} failed: {redact(cause_line(result.error))}")
         metrics = result.metrics or {}
-        if "genotype" not in metrics or metrics["mlflow_run_id"] in starved:
+        if "genotype" not in metrics or OUT_OF_MEMORY in metrics:
             continue
         stopped = int(metrics["step"]) < steps
         if stopped:  # ASHA stopped it: close its MLflow run with the state it reached
@@ -400,8 +398,8 @@ def _rows(grid, uri: str, steps: int, starved: set[str]) -> list[dict[str, Any]]
 def _trial_results(grid, tracker: Tracker, steps: int, name: str) -> list[dict[str, Any]]:
     """The rows of the trials that can be chosen; the MLflow runs of lost attempts deleted."""
     trials = trial_runs(tracker)
-    starved = {r.info.run_id: r.data.tags["out_of_memory"] for r in trials if "out_of_memory" in r.data.tags}
-    rows = _rows(grid, tracker.uri, steps, set(starved))
+    starved = {r.info.run_id: r.data.tags[OUT_OF_MEMORY] for r in trials if OUT_OF_MEMORY in r.data.tags}
+    rows = _rows(grid, tracker.uri, steps)
     tracker.set_tags({"out_of_memory_trials": len(starved)})
     for run in trials:
         if run.info.run_id in starved:
