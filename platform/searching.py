@@ -11,8 +11,8 @@ expected MACs, so trials with different lambdas compare on one scale), ``val_los
 can stop it and a restored search continues it. Each trial is an MLflow run, child of the
 search's run: its hyperparameters, metrics, alpha heatmap and derived genotype. A trial that runs
 out of memory ends at once (not restarted), its run FAILED with the tag ``out_of_memory``, and
-reports once more with that key and NaN scores, so the searcher
-(:class:`~timfusion.platform.samplers.TrialSearcher`) does not take its last score for a result.
+reports once more with that key and NaN scores, so neither Optuna nor ASHA takes its last score
+for a result (:class:`~timfusion.platform.samplers.TrialSearcher`, ``TrialScheduler``).
 """
 
 from __future__ import annotations
