@@ -18,7 +18,7 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 import timfusion
-from timfusion.platform.errors import UserError
+from timfusion.platform.errors import UserError, is_integer, is_number
 
 ROOT = Path(timfusion.__file__).resolve().parent
 PRIMARY_DIR = ROOT / "platform" / "conf"
@@ -92,9 +92,9 @@ def _expected_type(default: Any, value: Any) -> str | None:
     if isinstance(default, bool):
         return None if isinstance(value, bool) else "true or false"
     if isinstance(default, int):
-        return None if isinstance(value, int) and not isinstance(value, bool) else "an integer"
+        return None if is_integer(value) else "an integer"
     if isinstance(default, float):
-        return None if isinstance(value, (int, float)) and not isinstance(value, bool) else "a number"
+        return None if is_number(value) else "a number"
     return None
 
 

@@ -54,9 +54,30 @@ def out_of_memory_errors() -> tuple[type[BaseException], ...]:
     return (MemoryError, torch.OutOfMemoryError)
 
 
+def is_integer(value: object) -> bool:
+    """An int that is not a bool: to Python YAML's ``true`` is the int 1, never a count or a size."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value: object) -> bool:
+    """An int or a float that is not a bool."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_size(key: str, value: Any, minimum: int = 1) -> tuple[int, int]:
+    """``value`` as (height, width): two integers of at least ``minimum``, else a UserError naming
+    ``key``. A float or a bool is refused, not truncated to the size it happens to round to."""
+    sequence = isinstance(value, Iterable) and not isinstance(value, str | bytes | Mapping)
+    items = list(value) if sequence else None
+    if items is None or len(items) != 2 or not all(is_integer(side) and side >= minimum for side in items):
+        shown = value if items is None else items
+        raise UserError(f"{key}: expected [height, width] of integers >= {minimum}, got {shown}")
+    return items[0], items[1]
+
+
 _BOUNDS = {"at_least_one": (">= 1", lambda v: v >= 1), "non_negative": (">= 0", lambda v: v >= 0),
            "positive": ("> 0", lambda v: v > 0),
-           "seeds": (f"an integer in 0..{2**32 - 1}", lambda v: isinstance(v, int) and 0 <= v < 2**32)}
+           "seeds": (f"an integer in 0..{2**32 - 1}", lambda v: is_integer(v) and 0 <= v < 2**32)}
 
 
 def check_bounds(section: str, settings: Mapping[str, Any], *, at_least_one: Iterable[str] = (),
@@ -74,7 +95,7 @@ def check_bounds(section: str, settings: Mapping[str, Any], *, at_least_one: Ite
             value = settings[key]
             if value is None and key in nullable:
                 continue
-            number = value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+            number = value if is_number(value) else None
             if number is None or not holds(number):
                 name = f"{section}.{key}" if section else key
                 raise UserError(f"{name} must be {bound}{' or null' if key in nullable else ''}, got {value}")

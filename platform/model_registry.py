@@ -36,7 +36,7 @@ import mlflow.pyfunc
 import numpy as np
 import torch
 
-from timfusion.platform.errors import UserError, check_bounds
+from timfusion.platform.errors import UserError, check_bounds, check_size
 from timfusion.platform.tracking import git_commit, mlflow_client, resolve_run, tracking_uri
 
 PYFUNC_ARTIFACT = "registry/pyfunc"
@@ -335,7 +335,7 @@ class Gate:
         unknown = sorted(set(data) - set(valid))
         if unknown:
             raise UserError(f"gate: unknown key {unknown[0]!r}; valid keys: {', '.join(valid)}")
-        gate = cls(**{**data, "size": tuple(int(s) for s in data.get("size", (256, 256)))})
+        gate = cls(**{**data, "size": check_size("gate.size", data.get("size", (256, 256)))})
         from timfusion.tasks.metrics import resolve_metrics
 
         resolve_metrics("tang", list(gate.metrics), key="gate.metrics")  # unknown metric names fail here
@@ -344,9 +344,6 @@ class Gate:
                 raise UserError(f"gate.metrics.{metric}: tolerance must be >= 0, got {tolerance}")
         check_bounds("gate", dataclasses.asdict(gate), at_least_one=("pairs",),
                      positive=("max_macs", "max_latency_ms"), optional=("max_macs", "max_latency_ms"))
-        if len(gate.size) != 2 or min(gate.size) < 1:
-            raise UserError(f"gate.size: expected [height, width] of positive integers, "
-                            f"got {list(gate.size)}")
         return gate
 
 

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from timfusion.platform.errors import UserError
+from timfusion.platform.errors import UserError, is_integer
 from timfusion.search_spaces.genotype import Genotype
 from timfusion.search_spaces.network import FusionNetwork, mac_profile
 from timfusion.search_spaces.ops import OPS
@@ -101,7 +101,7 @@ def parse_search_space(data: Any, source: str) -> SearchSpace:
         raise UserError(f"{source}: template cells are malformed: {err}") from None
     for place, cell in cells:
         count = cell.get("positions") if isinstance(cell, dict) else None
-        if not isinstance(count, int) or isinstance(count, bool) or count < 1 or "ops" in cell:
+        if not is_integer(count) or count < 1 or "ops" in cell:
             raise UserError(
                 f"{source}: template {place} must give 'positions' (an integer >= 1) instead of ops"
             )

@@ -46,12 +46,11 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from scipy import ndimage
 
-from timfusion.platform.errors import UserError
+from timfusion.platform.errors import UserError, check_size, is_integer
 from timfusion.platform.registry import Registry
 from timfusion.tasks.colour import rgb_to_gray
 from timfusion.tasks.imageio import atomic_write_text, is_url, plain_mode, write_image
@@ -998,18 +997,6 @@ def _old_manifest_paths(manifest: Path) -> set[str]:
             and cells[i]}
 
 
-def _size(size: Any, prefix: str = "") -> tuple[int, int]:
-    """``size`` as (height, width), each at least ``MIN_SIZE``; else a UserError naming the setting."""
-    try:
-        height, width = (int(s) for s in size)
-    except (TypeError, ValueError):
-        raise UserError(f"{prefix}size: expected (height, width), got {size!r}") from None
-    if height < MIN_SIZE or width < MIN_SIZE:
-        raise UserError(f"{prefix}size: expected (height, width) of at least {MIN_SIZE}x{MIN_SIZE}, "
-                        f"got {size!r}")
-    return height, width
-
-
 def synthesize(
     family: str,
     out_dir: str | Path,
@@ -1037,15 +1024,15 @@ def synthesize(
     if family != "medical" and family not in FAMILIES:
         known = ", ".join(sorted([*FAMILIES.names(), "medical"]))
         raise UserError(f"unknown synthetic generator {family!r}; known: {known}")
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+    if not is_integer(n) or n < 1:
         raise UserError(f"{prefix}n: expected a positive number of pairs, got {n!r}")
     if family == "medical":
         tasks = [MEDICAL_VARIANTS[i % len(MEDICAL_VARIANTS)] for i in range(n)]
     else:
         tasks = [family] * n
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+    if not is_integer(seed) or seed < 0:
         raise UserError(f"{prefix}seed: expected a non-negative integer, got {seed!r}")
-    height, width = _size(size, prefix)
+    height, width = check_size(f"{prefix}size", size, MIN_SIZE)
     if is_url(out_dir):
         raise UserError(f"{out_dir}: synthesize writes local directories only")
     root = Path(out_dir)
@@ -1102,7 +1089,7 @@ def synthesized_once(
     import tempfile
 
     parent = Path(parent)
-    height, width = _size(size, prefix)
+    height, width = check_size(f"{prefix}size", size, MIN_SIZE)
     root = parent / f"{label}_{family}_{int(n)}_{int(seed)}_{height}x{width}"
     if (root / "MANIFEST.tsv").exists():
         return root

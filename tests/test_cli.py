@@ -8,7 +8,7 @@ import pytest
 from helpers import run_cli
 
 from timfusion.platform.config import compose, flatten, group_options, to_container
-from timfusion.platform.errors import UserError
+from timfusion.platform.errors import UserError, check_size
 from timfusion.platform.jobs import COMMANDS, load_all
 
 load_all()
@@ -129,7 +129,7 @@ def test_an_override_of_the_wrong_type_is_one_line_before_work(cli, workdir, com
         ("train", ["data.val_seed=-1"], "data.val_seed must be an integer in 0..4294967295, got -1"),
         ("train", ["data.val_fraction=1"], "data.val_fraction must be > 0 and < 1, got 1"),
         ("train", ["data=synthetic", "data.synthetic.size=[64]"],
-         "data.synthetic.size: expected (height, width)"),
+         "data.synthetic.size: expected [height, width] of integers >= 16, got [64]"),
         ("promote", ["name=timfusion-ir_vis", "version=0"], "version must be >= 1, got 0"),
         # the registry name of register=true: before the job's work, not after it
         ("train", ["register=true", "register_name=team/ir"], "register_name=team/ir: expected letters"),
@@ -274,6 +274,7 @@ def test_overrides_keep_the_types_their_defaults_allow():
 @pytest.mark.parametrize(
     "override, expected",
     [("cluster.num_workers=abc", "cluster.num_workers=abc: expected auto or an integer"),
+     ("cluster.num_workers=true", "cluster.num_workers=True: expected auto or an integer"),
      ("cluster.use_gpu=maybe", "cluster.use_gpu=maybe: expected auto, true or false")],
 )
 def test_cluster_values_of_a_string_typed_key_are_checked_before_ray(override, expected):
@@ -281,6 +282,14 @@ def test_cluster_values_of_a_string_typed_key_are_checked_before_ray(override, e
 
     with pytest.raises(UserError, match=expected):
         resolve_workers(compose("train", [override]).cluster)
+
+
+@pytest.mark.parametrize("value", [[64], [64, 64, 64], [64.5, 64], [64.0, 64], [True, 64], [0, 64],
+                                   ["64", 64], "64x64", 64, None, {"height": 64, "width": 64}])
+def test_a_size_is_two_integers_and_never_truncated(value):
+    with pytest.raises(UserError, match=r"^gate\.size: expected \[height, width\] of integers >= 1, got "):
+        check_size("gate.size", value)
+    assert check_size("size", compose("arch_show", ["size=[48,64]"]).size, minimum=16) == (48, 64)
 
 
 def test_missing_required_key_is_named(cli):

@@ -395,5 +395,6 @@ def test_arch_show_refuses_an_unknown_genotype(cli):
 
     code, _, err = cli("arch", "show", "genotype=nope")
     assert code == 2 and "named genotypes: compact" in err and len(err.strip().splitlines()) == 1
-    code, _, err = cli("arch", "show", "size=[0,4]")
-    assert code == 2 and "size: expected [height, width]" in err
+    for size in ("[0,4]", "[64.5,64]"):
+        code, _, err = cli("arch", "show", f"size={size}")
+        assert code == 2 and "size: expected [height, width] of integers >= 1" in err, err

@@ -163,8 +163,9 @@ def test_a_gate_on_a_dataset_that_does_not_exist_fails_before_any_evaluation(cli
     assert code == 2 and "NOPE" in err
     for override, expected in (
         ("gate.max_macs=-5", "gate.max_macs must be > 0 or null, got -5"),
-        ("gate.size=[96]", "gate.size: expected [height, width] of positive integers"),
-        ("gate.synthetic.size=[8,8]", "gate.synthetic.size: expected (height, width) of at least 16x16"),
+        ("gate.size=[96]", "gate.size: expected [height, width] of integers >= 1, got [96]"),
+        ("gate.synthetic.size=[8,8]",
+         "gate.synthetic.size: expected [height, width] of integers >= 16, got [8, 8]"),
     ):
         code, _, err = promote(cli, store, version, override)
         assert code == 2 and expected in err, err

@@ -222,6 +222,7 @@ def test_alpha_heatmap_is_a_png():
         (lambda d: d.update(candidates=["res_3x3"]), "at least two op names"),
         (lambda d: d.update(candidates=["res_3x3", "res_3x3"]), "candidates repeat an op"),
         (lambda d: d["template"]["stage1"]["cells"][0].update(positions=0), "must give 'positions'"),
+        (lambda d: d["template"]["stage1"]["cells"][0].update(positions=True), "must give 'positions'"),
         (lambda d: d["template"]["stage1"]["cells"][0].update(ops=["skip", "skip"]), "instead of ops"),
         (lambda d: d.update(depth=3), "unknown key 'depth'"),
         (lambda d: d["template"].update(width="wide"), "width must be int"),

@@ -5,21 +5,10 @@ from __future__ import annotations
 import textwrap
 from typing import Any
 
-from omegaconf import DictConfig, ListConfig
+from omegaconf import DictConfig
 
-from timfusion.platform.errors import UserError
+from timfusion.platform.errors import UserError, check_size
 from timfusion.platform.jobs import command
-
-
-def _size(value: Any) -> tuple[int, int]:
-    items = list(value) if isinstance(value, ListConfig | list | tuple) else None
-    if (
-        items is None
-        or len(items) != 2
-        or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in items)
-    ):
-        raise UserError(f"size: expected [height, width] as two positive integers, got {value}")
-    return items[0], items[1]
 
 
 def _gmac(macs: int) -> str:
@@ -134,7 +123,7 @@ def show_architecture(genotype_ref: str, height: int, width: int) -> dict[str, A
 
 @command("arch show", config="arch_show", summary="print a genotype's structure, parameters and MACs")
 def arch_show(cfg: DictConfig) -> dict[str, Any]:
-    height, width = _size(cfg.size)
+    height, width = check_size("size", cfg.size)
     if cfg.genotype is None or str(cfg.genotype) == "":
         raise UserError("genotype: required (a named genotype or a genotype .json path)")
     return show_architecture(str(cfg.genotype), height, width)

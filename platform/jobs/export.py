@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
-from timfusion.platform.errors import UserError, check_bounds
+from timfusion.platform.errors import UserError, check_bounds, is_integer
 from timfusion.platform.jobs import command
 from timfusion.platform.jobs.common import check_places
 from timfusion.platform.models import NETWORK_FORMS, load_network
@@ -237,7 +237,7 @@ def float32_error(network: FusionNetwork, height: int, width: int, seed: int = 0
 
 
 def _side(key: str, value: object) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < MIN_SIDE:
+    if not is_integer(value) or value < MIN_SIDE:
         raise UserError(f"{key}={value}: must be an integer >= {MIN_SIDE}")
     return value
 

@@ -14,7 +14,14 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from timfusion.platform.config import shared_root, to_container
-from timfusion.platform.errors import JobFailed, UserError, cause_line, check_bounds, out_of_memory_errors
+from timfusion.platform.errors import (
+    JobFailed,
+    UserError,
+    cause_line,
+    check_bounds,
+    is_integer,
+    out_of_memory_errors,
+)
 from timfusion.platform.jobs import command
 from timfusion.platform.jobs.common import task_from
 from timfusion.platform.jobs.registry import check_register, register_after
@@ -79,7 +86,7 @@ def resolve_workers(cluster: DictConfig) -> tuple[int, bool]:
     use_gpu = gpus > 0 if cluster.use_gpu == "auto" else bool(cluster.use_gpu)
     if cluster.num_workers == "auto":
         workers = gpus if use_gpu and gpus > 0 else 2
-    elif isinstance(cluster.num_workers, int) and not isinstance(cluster.num_workers, bool):
+    elif is_integer(cluster.num_workers):
         workers = cluster.num_workers
     else:
         raise UserError(f"cluster.num_workers={cluster.num_workers}: expected auto or an integer")
