@@ -273,8 +273,9 @@ def test_overrides_keep_the_types_their_defaults_allow():
 
 @pytest.mark.parametrize(
     "override, expected",
-    [("cluster.num_workers=abc", "cluster.num_workers=abc: expected auto or an integer"),
-     ("cluster.num_workers=true", "cluster.num_workers=True: expected auto or an integer"),
+    [("cluster.num_workers=abc", "cluster.num_workers=abc: expected auto or an integer >= 1"),
+     ("cluster.num_workers=true", "cluster.num_workers=True: expected auto or an integer >= 1"),
+     ("cluster.num_workers=0", "cluster.num_workers=0: expected auto or an integer >= 1"),
      ("cluster.use_gpu=maybe", "cluster.use_gpu=maybe: expected auto, true or false")],
 )
 def test_cluster_values_of_a_string_typed_key_are_checked_before_ray(override, expected):

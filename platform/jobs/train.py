@@ -86,12 +86,10 @@ def resolve_workers(cluster: DictConfig) -> tuple[int, bool]:
     use_gpu = gpus > 0 if cluster.use_gpu == "auto" else bool(cluster.use_gpu)
     if cluster.num_workers == "auto":
         workers = gpus if use_gpu and gpus > 0 else 2
-    elif is_integer(cluster.num_workers):
+    elif is_integer(cluster.num_workers) and cluster.num_workers >= 1:
         workers = cluster.num_workers
     else:
-        raise UserError(f"cluster.num_workers={cluster.num_workers}: expected auto or an integer")
-    if workers < 1:
-        raise UserError(f"cluster.num_workers={cluster.num_workers}: need at least 1")
+        raise UserError(f"cluster.num_workers={cluster.num_workers}: expected auto or an integer >= 1")
     check_bounds("cluster", cluster, positive=("cpus_per_worker",))
     check_placeable(cluster, workers, float(cluster.cpus_per_worker), 1.0 if use_gpu else 0.0,
                     f"cluster.num_workers={workers} x cluster.cpus_per_worker={cluster.cpus_per_worker}"
