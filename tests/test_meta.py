@@ -236,6 +236,22 @@ def test_meta_run_then_adapt_from_its_run_id_loads_its_weights_and_trains(workdi
     assert any(not torch.equal(v, init[k]) for k, v in _model_state(trained).items())
 
 
+def test_a_meta_run_out_of_memory_is_one_line_naming_the_meta_knobs(workdir, monkeypatch):
+    """As training's (tests/test_training.py), but the knobs that size a meta step are meta's."""
+    from helpers import STARVED
+
+    from timfusion.meta import loop
+    from timfusion.platform.errors import JobFailed
+
+    def starved(config: dict) -> None:
+        raise MemoryError(STARVED)
+
+    monkeypatch.setattr(loop, "meta_worker", starved)
+    line = r"^run hungry: out of memory \(MemoryError: Unable to allocate 37.3 GiB.*\); lower meta.crop, meta"
+    with pytest.raises(JobFailed, match=line + r".support or meta.query$"):
+        _meta("cluster=none", "meta.steps=1", "meta.meta_batch=1", "name=hungry")
+
+
 def test_a_genotype_mismatch_between_init_and_network_is_a_clear_error(workdir):
     meta_run = _meta("cluster=none", "meta.steps=1", "meta.meta_batch=1", "meta.algorithm=fomaml", "name=m2")
     with pytest.raises(UserError, match="genotype 'compact' is not the requested genotype 'tim_light'"):

@@ -113,7 +113,8 @@ def meta(cfg: DictConfig) -> dict[str, Any]:
     print(f"meta-training {genotype.name} with {settings.algorithm} on {', '.join(sorted(pools))}: "
           f"{settings.pretrain_steps} joint then {settings.steps} outer steps of {settings.meta_batch} "
           f"tasks, {workers} worker(s), run {name} (MLflow {tracker.run_id})")
-    run_workers(cfg, meta_worker, loop_config, name, storage, workers, use_gpu, tracker)
+    run_workers(cfg, meta_worker, loop_config, name, storage, workers, use_gpu, tracker,
+                memory_knobs="meta.crop, meta.support or meta.query")
     tracker.finish()
     metrics = tracker.client.get_run(tracker.run_id).data.metrics
     print(f"done: MLflow run {tracker.run_id}; adapt with: timfusion adapt task=... init={tracker.run_id}")

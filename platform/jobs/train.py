@@ -243,7 +243,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
           f"{len(val_records)} val pairs, "
           f"{workers if cfg.cluster.backend == 'ray' else 1} worker(s), run {name} (MLflow {tracker.run_id})")
     started = time.perf_counter()
-    run_workers(cfg, train_worker, loop_config, name, storage, workers, use_gpu, tracker)
+    run_workers(cfg, train_worker, loop_config, name, storage, workers, use_gpu, tracker,
+                memory_knobs="train.crop or train.batch_size")
     tracker.set_tags({"wall_seconds": f"{time.perf_counter() - started:.1f}"})
     tracker.finish()
     metrics = tracker.client.get_run(tracker.run_id).data.metrics
@@ -308,9 +309,10 @@ def initial_weights(reference: str, genotype: Any, tracking: str | None) -> byte
 
 
 def run_workers(cfg: DictConfig, loop: Any, loop_config: dict, name: str, storage: str, workers: int,
-                use_gpu: bool, tracker: Tracker) -> None:
+                use_gpu: bool, tracker: Tracker, memory_knobs: str) -> None:
     """Run ``loop`` in this process (``cluster.backend=local``) or on Ray Train workers; a failure
-    marks the MLflow run FAILED before it propagates."""
+    marks the MLflow run FAILED before it propagates. Out of memory, the error names
+    ``memory_knobs``: the settings that size the loop's step."""
     try:
         if cfg.cluster.backend == "local":
             loop(loop_config)
@@ -318,9 +320,7 @@ def run_workers(cfg: DictConfig, loop: Any, loop_config: dict, name: str, storag
             fit_with_ray(cfg, loop, loop_config, name, storage, workers, use_gpu)
     except out_of_memory_errors() as err:
         tracker.finish("FAILED")
-        knobs = ("train.crop or train.batch_size" if loop is train_worker
-                 else "meta.crop, meta.support or meta.query")
-        raise JobFailed(f"run {name}: out of memory ({cause_line(err)}); lower {knobs}") from err
+        raise JobFailed(f"run {name}: out of memory ({cause_line(err)}); lower {memory_knobs}") from err
     except BaseException:
         tracker.finish("FAILED")
         raise
