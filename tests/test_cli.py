@@ -161,12 +161,14 @@ def test_a_value_out_of_range_is_one_line_before_work(cli, workdir, command, ove
         ("train", ["val_metrics=[EN,BOGUS]"], "val_metrics: unknown tang metric(s) BOGUS"),
         # VIF's coarsest scale needs 41 px: the run would fail at its first validation
         ("train", ["data=synthetic", "data.synthetic.size=[40,64]"],
-         "val_metrics: VIF cannot score 40x64 images: image 2x5 (padded) is smaller than the 3x3 kernel"),
+         "val_metrics, validation pair synthetic/synth_0002: VIF cannot score 40x64 images: image 2x5 "
+         "(padded) is smaller than the 3x3 kernel"),
         # search: the retraining's validation, which comes after every trial
-        ("search", ["data=synthetic", "data.synthetic.size=[40,64]"], "val_metrics: VIF cannot score 40x64"),
+        ("search", ["data=synthetic", "data.synthetic.size=[40,64]"],
+         "val_metrics, validation pair synthetic/synth_0002: VIF cannot score 40x64"),
         # adapt init=multitask: before the baseline's meta-training
         ("adapt", ["init=multitask", "data=synthetic", "data.synthetic.size=[40,64]"],
-         "val_metrics: VIF cannot score 40x64"),
+         "val_metrics, validation pair synthetic/synth_0002: VIF cannot score 40x64"),
     ],
 )
 def test_validation_that_cannot_be_scored_is_refused_before_training(cli, workdir, command, overrides,

@@ -20,6 +20,7 @@ from timfusion.platform.errors import (
     cause_line,
     check_bounds,
     is_integer,
+    naming,
     out_of_memory_errors,
 )
 from timfusion.platform.jobs import command
@@ -180,11 +181,9 @@ def check_val_images(cfg: DictConfig, val_records: list[PairRecord]) -> None:
         return
     sizes = {record.name: image_size(record.a) for record in scored}
     smallest = min(sizes, key=lambda name: min(sizes[name]))
-    try:
-        check_scorable(resolve_metrics("tang", list(cfg.val_metrics), key="val_metrics"), *sizes[smallest],
-                       key="val_metrics")
-    except UserError as err:
-        raise UserError(f"val_metrics: {err} (validation pair {smallest})") from None
+    specs = resolve_metrics("tang", list(cfg.val_metrics), key="val_metrics")
+    with naming(f"val_metrics, validation pair {smallest}"):
+        check_scorable(specs, *sizes[smallest], key="val_metrics")
 
 
 @command("train", config="train", summary="task-guided fusion training on Ray Train, tracked in MLflow")
