@@ -155,6 +155,18 @@ def test_a_value_out_of_range_is_one_line_before_work(cli, workdir, command, ove
     assert not (workdir / "outputs").exists()
 
 
+def test_a_search_name_is_refused_as_a_runs_is_before_ray(cli, workdir):
+    """resume=true of no search; a new search into a folder of the workdir that is not a search's."""
+    searches = workdir / "outputs" / "search"  # search's workdir
+    refused_before_work(cli, workdir, ["search", "resume=true", "name=ghost"],
+                        f"resume=true: no search 'ghost' under {searches} to resume (pass its name=)")
+    (searches / "genotypes").mkdir(parents=True)
+    (searches / "genotypes" / "mine.json").write_text("{}")
+    refused_before_work(cli, workdir, ["search", "name=genotypes"],
+                        f"name=genotypes: a search of that name exists under {searches}; pass resume=true")
+    assert [p.name for p in (searches / "genotypes").iterdir()] == ["mine.json"]
+
+
 @pytest.mark.parametrize(
     "command, overrides, expected",
     [

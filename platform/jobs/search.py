@@ -25,17 +25,17 @@ from timfusion.platform.jobs.common import task_from
 from timfusion.platform.jobs.registry import check_register, register_after
 from timfusion.platform.jobs.train import (
     check_placeable,
-    check_resumed,
     check_train_settings,
     check_val_images,
     init_ray,
+    prepare_run_dir,
     train,
     training_records,
 )
 from timfusion.platform.report import markdown_table
 from timfusion.platform.storage import job_storage, ray_storage, redact
 from timfusion.platform.tracking import Tracker, tracking_uri
-from timfusion.platform.training import read_run_info, record_run
+from timfusion.platform.training import record_run
 from timfusion.tasks.datasets import fingerprint
 from timfusion.tasks.imageio import atomic_write_bytes, atomic_write_text
 
@@ -201,16 +201,8 @@ def search(cfg: DictConfig) -> dict[str, Any]:
     storage = job_storage(cfg)
     name = cfg.name or f"{task.name}-search-{time.strftime('%Y%m%d-%H%M%S')}"
     workdir = Path(str(cfg.workdir)).resolve()
-    run_dir = workdir / name
-    info = read_run_info(run_dir)
-    if cfg.resume and info is None:
-        raise UserError(f"resume=true: no search {name!r} under {workdir} to resume (pass its name=)")
-    if not cfg.resume and info is not None:
-        raise UserError(
-            f"name={name}: a search of that name exists under {workdir}; pass resume=true or another name"
-        )
-    identity = {"task": task.name, "search_space": to_container(cfg.search_space)}
-    check_resumed(info, identity, name)  # the trials' checkpoints are supernets of that space
+    identity = {"task": task.name, "search_space": to_container(cfg.search_space)}  # the trials' supernets
+    run_dir, info = prepare_run_dir(cfg, name, str(workdir), identity, kind="search")
     train_records, val_records = training_records(cfg, task, workdir)
     if retrain_cfg is not None:  # the retraining validates on these pairs after the whole search
         check_val_images(retrain_cfg, val_records)

@@ -254,17 +254,19 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     return register_after(cfg, result, tracker.run_id, task.name)
 
 
-def prepare_run_dir(cfg: DictConfig, name: str, storage: str,
-                    identity: dict[str, Any]) -> tuple[Path, dict[str, Any] | None]:
-    """The run's folder and its run info when it exists; errors for a bad ``resume``/``name``
-    pair, or for a resumed run whose ``identity`` (see :func:`check_resumed`) has changed."""
+def prepare_run_dir(cfg: DictConfig, name: str, storage: str, identity: dict[str, Any],
+                    kind: str = "run") -> tuple[Path, dict[str, Any] | None]:
+    """The run's folder under ``storage`` (a local one: a remote store's runs keep theirs in the
+    workdir) and its run info when it exists; errors for a bad ``resume``/``name`` pair, for a
+    folder of that name not a run's, or for a resumed run whose ``identity`` (see
+    :func:`check_resumed`) has changed. ``kind`` names the run in the errors (``search``)."""
     run_dir = (Path(storage) / name if "://" not in storage
                else Path(str(cfg.workdir)).resolve() / "runs" / name)
     info = read_run_info(run_dir)
     if cfg.resume and info is None:
-        raise UserError(f"resume=true: no run {name!r} under {storage} to resume (pass its name=)")
+        raise UserError(f"resume=true: no {kind} {name!r} under {storage} to resume (pass its name=)")
     if not cfg.resume and (info is not None or (run_dir.exists() and any(run_dir.iterdir()))):
-        raise UserError(f"name={name}: a run of that name exists under {storage}; "
+        raise UserError(f"name={name}: a {kind} of that name exists under {storage}; "
                         "pass resume=true to continue it or choose another name")
     check_resumed(info, identity, name)
     return run_dir, info
