@@ -55,7 +55,7 @@ def out_of_memory_errors() -> tuple[type[BaseException], ...]:
 
 
 def is_integer(value: object) -> bool:
-    """An int that is not a bool: to Python YAML's ``true`` is the int 1, never a count or a size."""
+    """An int that is not a bool: Python's bool is an int, so YAML's ``true`` would pass as 1."""
     return isinstance(value, int) and not isinstance(value, bool)
 
 
