@@ -304,7 +304,11 @@ def test_cluster_values_of_a_string_typed_key_are_checked_before_ray(override, e
 def test_a_size_is_two_integers_and_never_truncated(value):
     with pytest.raises(UserError, match=r"^gate\.size: expected \[height, width\] of integers >= 1, got "):
         check_size("gate.size", value)
+
+
+def test_a_size_from_a_config_list_is_height_then_width():
     assert check_size("size", compose("arch_show", ["size=[48,64]"]).size, minimum=16) == (48, 64)
+    assert check_size("size", (16, 16), minimum=16) == (16, 16)  # the minimum itself passes
 
 
 def test_missing_required_key_is_named(cli):
