@@ -335,7 +335,8 @@ class Gate:
         unknown = sorted(set(data) - set(valid))
         if unknown:
             raise UserError(f"gate: unknown key {unknown[0]!r}; valid keys: {', '.join(valid)}")
-        gate = cls(**{**data, "size": check_size("gate.size", data.get("size", (256, 256)))})
+        gate = cls(**data)
+        gate.size = check_size("gate.size", gate.size)
         from timfusion.tasks.metrics import resolve_metrics
 
         resolve_metrics("tang", list(gate.metrics), key="gate.metrics")  # unknown metric names fail here

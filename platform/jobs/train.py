@@ -256,10 +256,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
 def prepare_run_dir(cfg: DictConfig, name: str, storage: str, identity: dict[str, Any],
                     kind: str = "run") -> tuple[Path, dict[str, Any] | None]:
-    """The run's folder under ``storage`` (a local one: a remote store's runs keep theirs in the
-    workdir) and its run info when it exists; errors for a bad ``resume``/``name`` pair, for a
-    folder of that name not a run's, or for a resumed run whose ``identity`` (see
-    :func:`check_resumed`) has changed. ``kind`` names the run in the errors (``search``)."""
+    """The run's folder under ``storage``, where runs of its kind keep theirs (train and meta: the
+    job storage, in the workdir when that is remote; search: its workdir), and its run info when
+    it exists; errors for a bad ``resume``/``name`` pair, for a folder of that name not a run's,
+    or for a resumed run whose ``identity`` (see :func:`check_resumed`) has changed. ``kind``
+    names the run in the errors (``search``)."""
     run_dir = (Path(storage) / name if "://" not in storage
                else Path(str(cfg.workdir)).resolve() / "runs" / name)
     info = read_run_info(run_dir)
