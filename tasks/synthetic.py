@@ -997,6 +997,19 @@ def _old_manifest_paths(manifest: Path) -> set[str]:
             and cells[i]}
 
 
+def _check_request(family: str, n: int, seed: int, size: tuple[int, int], prefix: str) -> tuple[int, int]:
+    """Refuse a bad generator name, ``n``, ``seed`` or ``size`` (settings named under ``prefix``)
+    before anything is written; return (height, width)."""
+    if family != "medical" and family not in FAMILIES:
+        known = ", ".join(sorted([*FAMILIES.names(), "medical"]))
+        raise UserError(f"unknown synthetic generator {family!r}; known: {known}")
+    if not is_integer(n) or n < 1:
+        raise UserError(f"{prefix}n: expected a positive number of pairs, got {n!r}")
+    if not is_integer(seed) or seed < 0:
+        raise UserError(f"{prefix}seed: expected a non-negative integer, got {seed!r}")
+    return check_size(f"{prefix}size", size, MIN_SIZE)
+
+
 def synthesize(
     family: str,
     out_dir: str | Path,
@@ -1021,18 +1034,11 @@ def synthesize(
     existing manifest is refused unless ``overwrite`` (then it is removed first, and files
     it named that the new set does not rewrite are deleted at the end).
     """
-    if family != "medical" and family not in FAMILIES:
-        known = ", ".join(sorted([*FAMILIES.names(), "medical"]))
-        raise UserError(f"unknown synthetic generator {family!r}; known: {known}")
-    if not is_integer(n) or n < 1:
-        raise UserError(f"{prefix}n: expected a positive number of pairs, got {n!r}")
+    height, width = _check_request(family, n, seed, size, prefix)
     if family == "medical":
         tasks = [MEDICAL_VARIANTS[i % len(MEDICAL_VARIANTS)] for i in range(n)]
     else:
         tasks = [family] * n
-    if not is_integer(seed) or seed < 0:
-        raise UserError(f"{prefix}seed: expected a non-negative integer, got {seed!r}")
-    height, width = check_size(f"{prefix}size", size, MIN_SIZE)
     if is_url(out_dir):
         raise UserError(f"{out_dir}: synthesize writes local directories only")
     root = Path(out_dir)
@@ -1089,14 +1095,18 @@ def synthesized_once(
     import tempfile
 
     parent = Path(parent)
-    height, width = check_size(f"{prefix}size", size, MIN_SIZE)
-    root = parent / f"{label}_{family}_{int(n)}_{int(seed)}_{height}x{width}"
+    height, width = _check_request(family, n, seed, size, prefix)
+    root = parent / f"{label}_{family}_{n}_{seed}_{height}x{width}"
     if (root / "MANIFEST.tsv").exists():
         return root
     parent.mkdir(parents=True, exist_ok=True)
     partial = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=parent))
-    partial.chmod(plain_mode(directory=True))  # mkdtemp's folder is owner-only
-    synthesize(family, partial, n=int(n), seed=int(seed), size=(height, width), overwrite=True, prefix=prefix)
+    try:
+        partial.chmod(plain_mode(directory=True))  # mkdtemp's folder is owner-only
+        synthesize(family, partial, n=n, seed=seed, size=(height, width), overwrite=True, prefix=prefix)
+    except BaseException:  # interrupted or failed: leave no hidden half-written copy behind
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
     if root.exists() and not (root / "MANIFEST.tsv").exists():
         shutil.rmtree(root, ignore_errors=True)  # left half-written by an interrupted older run
     try:

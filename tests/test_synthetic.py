@@ -240,22 +240,57 @@ def test_synthesize_interrupted_leaves_no_manifest(tmp_path: Path, monkeypatch: 
     assert not list(out.rglob("*.part"))
 
 
-@pytest.mark.parametrize(
-    ("kwargs", "message"),
-    [
-        ({"family": "nope"}, "unknown synthetic generator 'nope'; known: ir_vis, medical, mri_ct"),
-        ({"n": 2.5}, "n: expected a positive"),
-        ({"n": 0}, "n: expected a positive"),
-        ({"seed": -1}, "seed: expected a non-negative"),
-        ({"size": (8, 8)}, "size: expected"),
-        ({"size": "big"}, "size: expected"),
-    ],
-)
+BAD_ARGUMENTS = [
+    ({"family": "nope"}, "unknown synthetic generator 'nope'; known: ir_vis, medical, mri_ct"),
+    ({"n": 2.5}, "n: expected a positive"),
+    ({"n": "2"}, "n: expected a positive"),
+    ({"n": True}, "n: expected a positive"),
+    ({"n": 0}, "n: expected a positive"),
+    ({"seed": -1}, "seed: expected a non-negative"),
+    ({"seed": 1.5}, "seed: expected a non-negative"),
+    ({"size": (8, 8)}, "size: expected"),
+    ({"size": "big"}, "size: expected"),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "message"), BAD_ARGUMENTS)
 def test_synthesize_rejects_bad_arguments(kwargs: dict, message: str, tmp_path: Path) -> None:
     args = {"family": "ir_vis", "out_dir": tmp_path / "set", "n": 2, "size": (32, 32)} | kwargs
     with pytest.raises(UserError, match=message):
         synthesize(**args)
     assert not (tmp_path / "set").exists()
+
+
+@pytest.mark.parametrize(("kwargs", "message"), BAD_ARGUMENTS)
+def test_synthesized_once_refuses_bad_arguments_before_writing(kwargs: dict, message: str,
+                                                                 tmp_path: Path) -> None:
+    """The cached set's name is built from ``n`` and ``seed``: they are checked before it is,
+    so ``n=2.5`` is not cached as two pairs, and no hidden temporary folder is left behind."""
+    parent = tmp_path / "cache"
+    parent.mkdir()
+    args = {"family": "ir_vis", "parent": parent, "n": 2, "seed": 0, "size": (32, 32)} | kwargs
+    expected = message if "family" in kwargs else rf"^data\.synthetic\.{message}"
+    with pytest.raises(UserError, match=expected):
+        synthetic.synthesized_once(**args, prefix="data.synthetic.")
+    assert list(parent.iterdir()) == []
+
+
+def test_synthesized_once_interrupted_leaves_nothing_and_a_retry_completes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    parent = tmp_path / "cache"
+    real_write = synthetic.write_image
+
+    def interrupted(path, image, **options):
+        raise KeyboardInterrupt("simulated kill")
+
+    monkeypatch.setattr(synthetic, "write_image", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        synthetic.synthesized_once("multi_focus", parent, n=2, seed=0, size=(32, 32))
+    assert list(parent.iterdir()) == []
+    monkeypatch.setattr(synthetic, "write_image", real_write)
+    root = synthetic.synthesized_once("multi_focus", parent, n=2, seed=0, size=(32, 32))
+    assert [entry.name for entry in parent.iterdir()] == [root.name]
+    assert len(_manifest(root / "MANIFEST.tsv")) == 2
 
 
 def test_synthesize_out_dir_is_a_file(tmp_path: Path) -> None:
