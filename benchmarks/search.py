@@ -5,6 +5,8 @@ Usage::
     python benchmarks/search.py [--budget 240] [--retrain 180] [--retrain-seeds 2] [--space compact]
                                 [--methods first_order darts implicit tim darts@4]
                                 [--seeds 0 1 2] [--threads N] [--out benchmarks/results/search.json]
+    python benchmarks/search.py --step-cost [--space small] [--threads 1] [--rounds 3]
+                                [--out benchmarks/results/search_step_cost.json]
 
 Data: the IR/VIS training data of ``timfusion train`` (../shared/data roadscene + msrs,
 the same seeded validation split); objective: the ir_vis task with the loss of
@@ -15,9 +17,10 @@ pauses the clock):
 
 * one bilevel search per hypergradient method on the ``--space`` supernet, with the
   settings of ``timfusion search`` (platform/conf/search.yaml ``search:``) and
-  ``hypergrad=`` the method; ``implicit`` takes ``upper_every`` lower steps per hyperstep
-  as its algorithm prescribes (Lorraine et al. 2020), the others alternate one and one
-  as theirs do (:data:`METHOD_SETTINGS`, printed in the table); ``darts@4`` is DARTS on
+  ``hypergrad=`` the method, with that method's ``search.hypergrad_options``; ``implicit``
+  takes ``upper_every`` lower steps per hyperstep as its algorithm prescribes (Lorraine et
+  al. 2020), the others alternate one and one as theirs do (:data:`METHOD_SETTINGS`, printed
+  in the table); ``darts@4`` is DARTS on
   implicit's schedule, to tell the schedule's share from the hypergradient's. Every
   ``--eval-every`` seconds the supernet's fusion loss on fixed validation patches (4
   seeded crops of each validation pair) is recorded; "final" and "reached" use the mean
@@ -41,6 +44,11 @@ black-box one (higher on at least two of VIFB's MI, Qabf, VIF) at equal or fewer
 They are decided pooled over the seeds (the mean time fraction; VIFB means over every
 seed and retraining, no more MACs in any seed): one seed's verdict is within the noise.
 Prints the table, writes the JSON and a PNG of the validation-loss curves beside it.
+
+``--step-cost`` searches nothing: the seconds of one bilevel step (alpha every step) of
+``implicit`` with ``search.yaml``'s options against the class's own defaults, on seeded
+random patches of the search's crop and batch (the cost does not depend on the content),
+``--rounds`` rounds of 5 steps interleaved, each the median of its rounds; :func:`step_cost`.
 """
 
 from __future__ import annotations
@@ -62,16 +70,13 @@ from timfusion.platform.report import text_table, write_json
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("TIMFUSION_SHARED", REPO.parent / "shared"))
 METHODS = ["first_order", "darts", "implicit", "tim", "darts@4"]
-# implicit: 8 weight steps per hyperstep (the IFT assumes weights near their optimum), one
-# damped CG term on finite-difference products (three passes a hyperstep; undamped, CG's
-# correction was noise on this supernet: RESULTS.md, hypergradients), and alpha's rate
-# doubled: with an eighth as many alpha steps per weight step it would otherwise travel a
-# third of darts' distance.
-METHOD_SETTINGS: dict[str, dict[str, Any]] = {
-    "implicit": {"upper_every": 8, "alpha_lr": 0.006,
-                 "hypergrad_options": {"solver": "cg", "terms": 1, "damping": 100.0,
-                                       "hvp": "finite_difference"}},
-}
+# implicit: 8 weight steps per hyperstep (the IFT assumes weights near their optimum) and
+# alpha's rate doubled: with an eighth as many alpha steps per weight step it would otherwise
+# travel a third of darts' distance. Its hypergradient options (one damped CG term on
+# finite-difference products) are search.yaml's. The schedule is the benchmark's, not the
+# job's: within the same seconds implicit takes 3-4x darts' steps, while a job's trial
+# counts steps (`steps`), in which alpha every 8 would leave it about 4 hypersteps by default.
+METHOD_SETTINGS: dict[str, dict[str, Any]] = {"implicit": {"upper_every": 8, "alpha_lr": 0.006}}
 # The search objective: the classic unsupervised IR/VIS loss (towards the brighter source's
 # intensity and the stronger gradient) on a regression head. Under the default ir_vis loss
 # the compact layout's activity head *is* that loss's target rule, so a supernet starts at
@@ -127,10 +132,10 @@ def search_method(
 
     torch.manual_seed(ctx["seed"])
     method, _, every = label.partition("@")
-    values = {**ctx["search"], "hypergrad": method, **METHOD_SETTINGS.get(method, {}), "max_macs": max_macs}
+    drawn = {"hypergrad": method, **METHOD_SETTINGS.get(method, {}), "max_macs": max_macs}
     if every:
-        values["upper_every"] = int(every)
-    settings = SearchSettings.from_config(values)
+        drawn["upper_every"] = int(every)
+    settings = SearchSettings.for_run(ctx["search"], drawn)
     supernet = Supernet(ctx["space"], seed=ctx["seed"])
     search = BilevelSearch(supernet, ctx["task"].build_loss(), settings)
     train = patch_batches(ctx["train"], ctx["loader"], False, 2, ctx["seed"])
@@ -400,7 +405,7 @@ def merge(paths: list[str], out: Path) -> int:
         print(f"--merge: seed repeated across {paths}: {seeds}", file=sys.stderr)
         return 2
     settings = ("budget_s", "retrain_s", "retrain_seeds", "eval_every_s", "smooth", "space",
-                "method_settings")
+                "method_settings", "hypergrad_options")
     differing = [key for key in settings if any(p.get(key) != payloads[0].get(key) for p in payloads)]
     if differing:
         print(f"--merge: {paths} differ in {differing}", file=sys.stderr)
@@ -412,6 +417,37 @@ def merge(paths: list[str], out: Path) -> int:
     print(json.dumps(summary))
     print(f"wrote {out} and {out.with_suffix('.png')}")
     return 0
+
+
+def step_cost(space_name: str, rounds: int = 3, steps: int = 5) -> list[dict[str, Any]]:
+    """Seconds per bilevel step of ``implicit`` under search.yaml's options and the class defaults."""
+    from timfusion.platform.config import compose, task_config, to_container
+    from timfusion.search_spaces.bilevel import BilevelSearch, SearchSettings
+    from timfusion.search_spaces.supernet import Supernet, load_search_space
+    from timfusion.tasks import build_task
+
+    search_cfg = compose("search", [])
+    block = to_container(search_cfg)["search"]
+    variants = {"search.yaml": block, "class defaults": {**block, "hypergrad_options": {}}}
+    shape = (int(search_cfg.batch_size), 1, int(search_cfg.crop), int(search_cfg.crop))
+    generator = torch.Generator().manual_seed(0)
+    batches = [{"a": torch.rand(shape, generator=generator), "b": torch.rand(shape, generator=generator)}
+               for _ in range(4)]
+    loss_fn = build_task(task_config("ir_vis")).build_loss()
+    seconds: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(rounds):
+        for name, variant in variants.items():
+            settings = SearchSettings.for_run(
+                variant, {"hypergrad": "implicit", "warmup_steps": 0, "upper_every": 1, "cost_weight": 0.0})
+            search = BilevelSearch(Supernet(load_search_space(space_name), seed=0), loss_fn, settings)
+            search.step(batches[0], batches[1])  # the first step allocates
+            started = time.perf_counter()
+            for step in range(steps):
+                search.step(batches[step % 4], batches[(step + 1) % 4])
+            seconds[name].append((time.perf_counter() - started) / steps)
+    return [{"options": name, "hypergrad_options": SearchSettings.for_run(variants[name]).hypergrad_options
+             or "Implicit's defaults", "s_per_step": sorted(times)[len(times) // 2], "rounds": times}
+            for name, times in seconds.items()]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -432,7 +468,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=os.cpu_count(),
                         help="torch threads for the searches and the retraining (these small networks run"
                              " about as fast on one: see RESULTS.md)")
-    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "search.json"))
+    parser.add_argument("--out", default=None,
+                        help="default benchmarks/results/search.json "
+                             "(search_step_cost.json with --step-cost)")
+    parser.add_argument("--step-cost", action="store_true",
+                        help="no search: seconds per bilevel step of implicit's options (module docstring)")
+    parser.add_argument("--rounds", type=int, default=3, help="--step-cost: rounds of 5 steps per option set")
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--task-overrides", nargs="*", default=TASK_OVERRIDES,
                         help="train-config overrides of the task (its loss) for the searches and retraining")
@@ -440,8 +481,19 @@ def main(argv: list[str] | None = None) -> int:
                         help="no search: the runs of these result files (seeds run as parallel processes)"
                              " with their pooled summary, written to --out")
     args = parser.parse_args(argv)
+    results = REPO / "benchmarks" / "results"
+    args.out = args.out or str(results / ("search_step_cost.json" if args.step_cost else "search.json"))
     if args.merge:
         return merge(args.merge, Path(args.out).resolve())
+    if args.step_cost:
+        torch.set_num_threads(args.threads)
+        rows = step_cost(args.space, rounds=args.rounds)
+        print(text_table(rows, ["options", "hypergrad_options", "s_per_step"]))
+        write_json(Path(args.out), {"space": args.space, "threads": args.threads, "rows": rows,
+                                    "machine": f"{os.cpu_count()} CPUs, torch {torch.__version__}",
+                                    "load_average": os.getloadavg()})
+        print(f"wrote {args.out}")
+        return 0
     if not (SHARED / "data" / "vifb").exists():
         print(f"{SHARED / 'data' / 'vifb'} is absent: set TIMFUSION_SHARED", file=sys.stderr)
         return 2
@@ -479,7 +531,8 @@ def main(argv: list[str] | None = None) -> int:
             "threads": args.threads, "machine": f"{os.cpu_count()} CPUs, torch {torch.__version__}",
             "load_average": os.getloadavg(), "budget_s": args.budget, "retrain_s": args.retrain,
             "retrain_seeds": args.retrain_seeds, "eval_every_s": args.eval_every, "smooth": SMOOTH,
-            "space": ctx["space"].name, "method_settings": METHOD_SETTINGS, "summary": summary,
+            "space": ctx["space"].name, "method_settings": METHOD_SETTINGS,
+            "hypergrad_options": ctx["search"]["hypergrad_options"], "summary": summary,
             "runs": [{key: run[key] for key in ("seed", "results", "targets")} for run in runs],
             "workdir": str(workdir),
         })

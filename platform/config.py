@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import os
 import re
+from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
 
@@ -143,7 +144,8 @@ def _check_types(config_name: str, overrides: list[str], cfg: DictConfig) -> Non
 _MISSING = object()
 
 
-FREE_FORM = ("tune.space", "gate.metrics")  # mappings of the user's names: parameters, metrics
+# mappings of the user's names (parameters, metrics, hypergradient options), as fnmatch patterns
+FREE_FORM = ("tune.space", "gate.metrics", "search.hypergrad_options", "search.hypergrad_options.*")
 
 
 def _open_mapping(config_name: str, name: str) -> bool:
@@ -154,7 +156,7 @@ def _open_mapping(config_name: str, name: str) -> bool:
     while node is _MISSING and "." in parent:
         parent = parent.rsplit(".", 1)[0]
         node = OmegaConf.select(base, parent, default=_MISSING)
-    return isinstance(node, DictConfig) and (len(node) == 0 or parent in FREE_FORM)
+    return isinstance(node, DictConfig) and (len(node) == 0 or any(fnmatch(parent, f) for f in FREE_FORM))
 
 
 def _refused_key(config_name: str, name: str, overrides: list[str]) -> str | None:

@@ -45,13 +45,13 @@ def trial_space(config: dict[str, Any]):
 
 
 def trial_settings(config: dict[str, Any]):
-    """The :class:`SearchSettings` of a trial: the job's ``search`` block updated by the samples."""
+    """The :class:`SearchSettings` of a trial: the job's ``search`` block with the samples over
+    it, and the options of the trial's hypergradient (:meth:`SearchSettings.for_run`)."""
     from timfusion.search_spaces.bilevel import SearchSettings
 
     params = config.get("params") or {}
-    values = dict(config["search"])
-    values.update({k: v for k, v in params.items() if k in SearchSettings.__dataclass_fields__})
-    return SearchSettings.from_config(values)
+    return SearchSettings.for_run(
+        config["search"], {k: v for k, v in params.items() if k in SearchSettings.__dataclass_fields__})
 
 
 def trial_task_config(config: dict[str, Any]) -> dict[str, Any]:

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from timfusion.platform.errors import UserError, check_bounds, naming
 from timfusion.search_spaces.genotype import Genotype
-from timfusion.search_spaces.hypergrad import build_hypergrad
+from timfusion.search_spaces.hypergrad import HYPERGRADS, build_hypergrad
 from timfusion.search_spaces.network import FusionNetwork, count_macs
 from timfusion.search_spaces.supernet import CostTable, Supernet
 
@@ -80,6 +80,32 @@ class SearchSettings:
         with naming(f"search.hypergrad={settings.hypergrad}"):
             build_hypergrad(settings.hypergrad, **settings.hypergrad_options)  # the name and its options
         return settings
+
+    @classmethod
+    def for_run(cls, block: Mapping[str, Any], drawn: Mapping[str, Any] | None = None) -> SearchSettings:
+        """A run's settings from the config's ``search`` block, whose ``hypergrad_options`` are
+        keyed by method, with ``drawn`` (Tune's samples, a benchmark's choices) over the block.
+
+        The run takes the options of its own method (``drawn``'s ``hypergrad`` or the block's),
+        so one config serves every method Tune may draw. Every method's options are checked,
+        used by this run or not: a typo fails before a search starts, not in a later trial."""
+        values = dict(block)
+        by_method = values.get("hypergrad_options") or {}
+        if not isinstance(by_method, Mapping):
+            raise UserError(
+                f"search.hypergrad_options: expected {{method: {{option: value}}}}, got {by_method!r}")
+        for method, options in by_method.items():
+            with naming(f"search.hypergrad_options.{method}"):
+                if method not in HYPERGRADS:
+                    raise UserError(f"expected options under a hypergradient method "
+                                    f"({', '.join(HYPERGRADS.names())}), got the key {method!r}")
+                if not isinstance(options, Mapping):
+                    raise UserError(f"expected a mapping of {method}'s options, got {options!r}")
+                build_hypergrad(method, **options)
+        drawn = dict(drawn or {})
+        method = drawn.get("hypergrad", values.get("hypergrad", cls.hypergrad))
+        values["hypergrad_options"] = dict(by_method.get(method) or {})
+        return cls.from_config({**values, **drawn})
 
 
 class BilevelSearch:

@@ -145,6 +145,11 @@ def test_an_override_of_the_wrong_type_is_one_line_before_work(cli, workdir, com
         ("search", ["tune.space.hypergrad.choices=[implicit,bogus]"],
          "tune.space.hypergrad may draw bogus: search.hypergrad=bogus: unknown hypergradient method 'bogus'"),
         ("search", ["search.cost=flops"], "search.cost=flops: unknown; valid choices: params, macs, latency"),
+        # options of a method Tune has not drawn yet; the old flat form names its key
+        ("search", ["+search.hypergrad_options.tim={bogus: 1}"],
+         "search.hypergrad_options.tim: hypergradient tim: bad options {'bogus': 1}"),
+        ("search", ["search.hypergrad_options={terms: 2}"],
+         "search.hypergrad_options.terms: expected options under a hypergradient method"),
         ("search", ["+tune.space={loss.gradient: {type: float, low: -1, high: 2}}"],
          "tune.space.loss.gradient may draw -1: loss term 'gradient': weight must be finite and >= 0"),
         ("export", ["model=model.pt", "out=fusion.onnx", "tolerance=-1"], "tolerance must be >= 0, got -1"),
@@ -216,6 +221,11 @@ def test_a_free_form_mapping_still_refuses_keys_beside_it():
     cfg = compose("search", ["tune.space.width={type: int, low: 8, high: 16}",
                              "tune.space={loss.gradient: {type: float, low: 0, high: 2}}"])
     assert cfg.tune.space.width.high == 16 and {"hypergrad", "loss.gradient"} <= set(cfg.tune.space)
+    # hypergradient options are by method, and each method's are its class's keyword arguments
+    cfg = compose("search", ["search.hypergrad_options.implicit.epsilon=0.02",
+                             "search.hypergrad_options.tim.sign=1.0"])
+    options = cfg.search.hypergrad_options
+    assert options.implicit.epsilon == 0.02 and dict(options.tim) == {"sign": 1.0}
     cfg = compose("promote", ["gate.metrics.SSIM=0.01"])
     assert dict(cfg.gate.metrics) == {"VIF": 0.0, "Qabf": 0.0, "SSIM": 0.01}
     with pytest.raises(UserError, match="tune.bogus: unknown key under 'tune'"):

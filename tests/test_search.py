@@ -283,6 +283,34 @@ def test_bad_search_settings_are_user_errors():
         BilevelSearch(Supernet(load_search_space("small")), _loss(), SearchSettings(hypergrad="adjoint"))
 
 
+def test_a_run_takes_the_hypergradient_options_of_its_own_method():
+    """One config serves every method Tune may draw: each takes its own options."""
+    block = {"hypergrad": "implicit", "alpha_lr": 0.004,
+             "hypergrad_options": {"implicit": {"terms": 2}, "tim": {"sign": 1.0}}}
+    assert SearchSettings.for_run(block).hypergrad_options == {"terms": 2}
+    tim = SearchSettings.for_run(block, {"hypergrad": "tim", "alpha_lr": 0.008})
+    assert (tim.hypergrad, tim.hypergrad_options, tim.alpha_lr) == ("tim", {"sign": 1.0}, 0.008)
+    assert SearchSettings.for_run(block, {"hypergrad": "first_order"}).hypergrad_options == {}
+    assert SearchSettings.for_run({"hypergrad": "darts"}).hypergrad_options == {}
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"terms": 2}, r"^search\.hypergrad_options\.terms: expected options under a hypergradient method "
+                       r"\(darts, first_order, implicit, tim\), got the key 'terms'$"),
+        ({"implicit": 5},
+         r"^search\.hypergrad_options\.implicit: expected a mapping of implicit's options, got 5$"),
+        # a method this run does not use is checked too: Tune may draw it in a later trial
+        ({"tim": {"bogus": 1}}, r"^search\.hypergrad_options\.tim: hypergradient tim: bad options"),
+        ([1], r"^search\.hypergrad_options: expected \{method: \{option: value\}\}, got \[1\]$"),
+    ],
+)
+def test_bad_hypergradient_options_by_method_are_user_errors(options, message):
+    with pytest.raises(UserError, match=message):
+        SearchSettings.for_run({"hypergrad": "implicit", "hypergrad_options": options})
+
+
 def test_resizing_a_search_space_changes_width_and_cells():
     from timfusion.search_spaces.supernet import resize_search_space
 
