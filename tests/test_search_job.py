@@ -54,10 +54,20 @@ def test_four_trials_two_at_a_time_log_a_child_run_each_and_retrain(ray_cluster,
     trials = [r for r in children if r.data.tags.get("job") == "search-trial"]
     retrains = [r for r in children if r.data.tags.get("job") == "train"]
     assert len(trials) == 4 and len(retrains) == 1
+    drawn = []
     for run in trials:
         assert run.info.status == "FINISHED"
         assert {"score", "val_loss", "macs"} <= set(run.data.metrics)
         assert any(k.startswith("params.") for k in run.data.params)
+        # each trial ran with the options of the method it drew (search.yaml's, by method)
+        method = run.data.params["params.hypergrad"]
+        options = {key.rsplit(".", 1)[1]: value for key, value in run.data.params.items()
+                   if key.startswith("search.hypergrad_options.")}
+        assert run.data.params["search.hypergrad"] == method
+        implicit = {"solver": "cg", "terms": "1", "damping": "100.0", "hvp": "finite_difference"}
+        assert options == (implicit if method == "implicit" else {}), (method, options)
+        drawn.append(method)
+    assert "implicit" in drawn and set(drawn) - {"implicit"}, drawn  # the seeded draws hold both kinds
     genotype = load_genotype(result["genotype_path"])
     FusionNetwork(genotype)
     assert json.loads(result["chosen"]["genotype"])["stage1"] == json.loads(genotype.to_json())["stage1"]
