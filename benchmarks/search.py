@@ -5,7 +5,7 @@ Usage::
     python benchmarks/search.py [--budget 240] [--retrain 180] [--retrain-seeds 2] [--space compact]
                                 [--methods first_order darts implicit tim darts@4]
                                 [--seeds 0 1 2] [--threads N] [--out benchmarks/results/search.json]
-    python benchmarks/search.py --step-cost [--space small] [--threads 1] [--rounds 3]
+    python benchmarks/search.py --step-cost [--space small] [--threads 1] [--rounds 3] [--steps 5]
                                 [--out benchmarks/results/search_step_cost.json]
 
 Data: the IR/VIS training data of ``timfusion train`` (../shared/data roadscene + msrs,
@@ -48,7 +48,7 @@ Prints the table, writes the JSON and a PNG of the validation-loss curves beside
 ``--step-cost`` searches nothing: the seconds of one bilevel step (alpha every step) of
 ``implicit`` with ``search.yaml``'s options against the class's own defaults, on seeded
 random patches of the search's crop and batch (the cost does not depend on the content),
-``--rounds`` rounds of 5 steps interleaved, each the median of its rounds; :func:`step_cost`.
+``--rounds`` rounds of ``--steps`` steps interleaved, each the median of its rounds; :func:`step_cost`.
 """
 
 from __future__ import annotations
@@ -473,7 +473,8 @@ def main(argv: list[str] | None = None) -> int:
                              "(search_step_cost.json with --step-cost)")
     parser.add_argument("--step-cost", action="store_true",
                         help="no search: seconds per bilevel step of implicit's options (module docstring)")
-    parser.add_argument("--rounds", type=int, default=3, help="--step-cost: rounds of 5 steps per option set")
+    parser.add_argument("--rounds", type=int, default=3, help="--step-cost: rounds per option set")
+    parser.add_argument("--steps", type=int, default=5, help="--step-cost: timed steps per round")
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--task-overrides", nargs="*", default=TASK_OVERRIDES,
                         help="train-config overrides of the task (its loss) for the searches and retraining")
@@ -487,9 +488,10 @@ def main(argv: list[str] | None = None) -> int:
         return merge(args.merge, Path(args.out).resolve())
     if args.step_cost:
         torch.set_num_threads(args.threads)
-        rows = step_cost(args.space, rounds=args.rounds)
+        rows = step_cost(args.space, rounds=args.rounds, steps=args.steps)
         print(text_table(rows, ["options", "hypergrad_options", "s_per_step"]))
-        write_json(Path(args.out), {"space": args.space, "threads": args.threads, "rows": rows,
+        write_json(Path(args.out), {"space": args.space, "threads": args.threads, "rounds": args.rounds,
+                                    "steps": args.steps, "rows": rows,
                                     "machine": f"{os.cpu_count()} CPUs, torch {torch.__version__}",
                                     "load_average": os.getloadavg()})
         print(f"wrote {args.out}")

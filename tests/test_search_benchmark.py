@@ -14,7 +14,7 @@ def test_step_cost_times_search_yaml_s_implicit_options_against_the_class_defaul
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     out = tmp_path / "step_cost.json"
-    assert bench.main(["--step-cost", "--space", "small", "--threads", "1", "--rounds", "1",
+    assert bench.main(["--step-cost", "--space", "small", "--threads", "1", "--rounds", "1", "--steps", "1",
                        "--out", str(out)]) == 0
     rows = {row["options"]: row for row in json.loads(out.read_text())["rows"]}
     assert rows["search.yaml"]["hypergrad_options"] == {"solver": "cg", "terms": 1, "damping": 100.0,
