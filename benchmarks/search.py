@@ -435,18 +435,20 @@ def step_cost(space_name: str, rounds: int = 3, steps: int = 5) -> list[dict[str
                for _ in range(4)]
     loss_fn = build_task(task_config("ir_vis")).build_loss()
     seconds: dict[str, list[float]] = {name: [] for name in variants}
+    options: dict[str, dict[str, Any]] = {}
     for _ in range(rounds):
         for name, variant in variants.items():
             settings = SearchSettings.for_run(
                 variant, {"hypergrad": "implicit", "warmup_steps": 0, "upper_every": 1, "cost_weight": 0.0})
+            options[name] = settings.hypergrad_options
             search = BilevelSearch(Supernet(load_search_space(space_name), seed=0), loss_fn, settings)
             search.step(batches[0], batches[1])  # the first step allocates
             started = time.perf_counter()
             for step in range(steps):
                 search.step(batches[step % 4], batches[(step + 1) % 4])
             seconds[name].append((time.perf_counter() - started) / steps)
-    return [{"options": name, "hypergrad_options": SearchSettings.for_run(variants[name]).hypergrad_options
-             or "Implicit's defaults", "s_per_step": sorted(times)[len(times) // 2], "rounds": times}
+    return [{"options": name, "hypergrad_options": options[name] or "Implicit's defaults",
+             "s_per_step": sorted(times)[len(times) // 2], "rounds": times}
             for name, times in seconds.items()]
 
 

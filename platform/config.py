@@ -150,7 +150,7 @@ FREE_FORM = ("tune.space", "gate.metrics", "search.hypergrad_options", "search.h
 
 def _open_mapping(config_name: str, name: str) -> bool:
     """Whether ``name`` is, or lies under, a mapping whose keys are the user's, which Hydra's
-    struct mode refuses: one empty by default (``data.filter``, ``tags``) or in :data:`FREE_FORM`."""
+    struct mode refuses: one empty by default (``data.filter``, ``tags``) or matching :data:`FREE_FORM`."""
     base = compose(config_name, [])
     node, parent = OmegaConf.select(base, name, default=_MISSING), name
     while node is _MISSING and "." in parent:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -15,6 +17,15 @@ SHARED = Path(os.environ.get("TIMFUSION_SHARED", REPO.parent / "shared"))
 # raise it rather than make the allocation (where memory is overcommitted that would succeed and
 # the OOM killer would end the tests)
 STARVED = "Unable to allocate 37.3 GiB for an array with shape (100000, 100000)"
+
+
+def load_benchmark(name: str) -> ModuleType:
+    """The script ``benchmarks/NAME.py`` as a module (benchmarks are scripts, not a package)."""
+    path = REPO / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"timfusion_{name}_benchmark", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def need_shared(*parts: str) -> Path:

@@ -3,21 +3,16 @@ the re-report of a stored run, and a toy run end to end. The issue's target is j
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
-
-BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "meta.py"
+from helpers import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("timfusion_meta_benchmark", BENCHMARK)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("meta")
 
 
 def falling(start: float, per_step: float, steps: int, every: int = 10) -> list[tuple[int, float]]:

@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
-BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "search.py"
+from helpers import load_benchmark
 
 
 def test_step_cost_times_search_yaml_s_implicit_options_against_the_class_defaults(tmp_path):
-    spec = importlib.util.spec_from_file_location("timfusion_search_benchmark", BENCHMARK)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("search")
     out = tmp_path / "step_cost.json"
     assert bench.main(["--step-cost", "--space", "small", "--threads", "1", "--rounds", "1", "--steps", "1",
                        "--out", str(out)]) == 0
